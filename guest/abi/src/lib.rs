@@ -1,0 +1,2 @@
+//! Guest ABI.
+#![no_std]

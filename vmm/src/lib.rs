@@ -1,0 +1,1 @@
+//! cowvm VMM library.

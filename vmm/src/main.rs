@@ -1,0 +1,2 @@
+//! cowvm CLI.
+fn main() {}
