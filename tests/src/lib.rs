@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod qcow_harness;
+
 /// Path of a binary built from this workspace (`cowvm`, `qcow`), next to the running test.
 ///
 /// `make test` builds every binary before it runs the tests; this panics with a hint if not.
