@@ -1,0 +1,987 @@
+//! `qcow`: a qemu-img–style command line over the `qcow` library (create, info, check, map, io,
+//! bench). Exit codes follow qemu-img: 0 success, 1 error; `check` also 2 (corruptions) and 3 (leaks).
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+#[path = "qcow/bench.rs"]
+mod bench;
+#[path = "qcow/disk.rs"]
+mod disk;
+#[path = "qcow/io_cmd.rs"]
+mod io_cmd;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use bench::BenchOptions;
+use disk::{probe, Disk};
+use lib::{CheckReport, CreateOptions, Image, OpenOptions, Repair};
+use qcow as lib;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qcow",
+    version,
+    about = "qcow2 image tool with qemu-img's commands, flags and exit codes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum RepairArg {
+    Leaks,
+    All,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an image: qcow create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTS] FILE [SIZE]
+    Create {
+        #[arg(short = 'f', default_value = "qcow2")]
+        format: String,
+        /// Backing file (relative names are resolved against FILE's directory).
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format (qcow2 or raw).
+        #[arg(short = 'F', short_alias = 'B', long = "backing-format")]
+        backing_format: Option<String>,
+        /// cluster_size=..,refcount_bits=..,lazy_refcounts=on|off,compat=0.10|1.1,preallocation=off|metadata
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Do not open the backing file (SIZE is then required).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        file: PathBuf,
+        /// Size with optional k/M/G/T suffix; defaults to the backing file's size.
+        size: Option<String>,
+    },
+    /// Show image information.
+    Info {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: PathBuf,
+    },
+    /// Check consistency; exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only.
+    Check {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'r', value_enum)]
+        repair: Option<RepairArg>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: PathBuf,
+    },
+    /// Print the allocation map of the whole backing chain.
+    Map {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: PathBuf,
+    },
+    /// Run qemu-io style commands: -c 'read [-P PAT] OFF LEN', 'write [-P PAT] [-z] OFF LEN',
+    /// 'discard OFF LEN', 'flush'.
+    Io {
+        #[arg(short = 'c', long = "cmd")]
+        commands: Vec<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Open read-only.
+        #[arg(short = 'r', long = "read-only")]
+        read_only: bool,
+        file: PathBuf,
+    },
+    /// Benchmark like qemu-img bench. Requests are issued sequentially on one thread; -d is accepted
+    /// and echoed but does not add parallelism. -t none/directsync do not use O_DIRECT (the library
+    /// has no unsafe code for aligned buffers): none behaves like writeback, writethrough/directsync
+    /// flush after every write, unsafe never flushes.
+    Bench {
+        #[arg(short = 'c', long = "count", default_value_t = 75000)]
+        count: u64,
+        #[arg(short = 'd', long = "depth", default_value_t = 64)]
+        depth: u64,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long = "flush-interval", default_value_t = 0)]
+        flush_interval: u64,
+        #[arg(short = 'i', long = "aio")]
+        aio: Option<String>,
+        #[arg(short = 'n', long = "native")]
+        native: bool,
+        #[arg(long = "no-drain")]
+        no_drain: bool,
+        #[arg(short = 'o', long = "offset", default_value = "0")]
+        offset: String,
+        #[arg(long = "pattern", default_value = "0")]
+        pattern: String,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 's', long = "buffer-size", default_value = "4096")]
+        buffer_size: String,
+        #[arg(short = 'S', long = "step-size")]
+        step: Option<String>,
+        #[arg(short = 't', long = "cache", default_value = "writeback")]
+        cache: String,
+        #[arg(short = 'w', long = "write")]
+        write: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("qcow: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Create {
+            format,
+            backing,
+            backing_format,
+            options,
+            unsafe_backing,
+            quiet,
+            file,
+            size,
+        } => create(
+            &format,
+            backing,
+            backing_format,
+            &options,
+            unsafe_backing,
+            quiet,
+            &file,
+            size.as_deref(),
+        ),
+        Command::Info {
+            format,
+            output,
+            backing_chain,
+            file,
+            ..
+        } => info(format.as_deref(), output, backing_chain, &file),
+        Command::Check {
+            format,
+            repair,
+            output,
+            quiet,
+            file,
+            ..
+        } => check(format.as_deref(), repair, output, quiet, &file),
+        Command::Map {
+            format,
+            output,
+            file,
+            ..
+        } => map(format.as_deref(), output, &file),
+        Command::Io {
+            commands,
+            format,
+            read_only,
+            file,
+        } => io(&commands, format.as_deref(), read_only, &file),
+        Command::Bench {
+            count,
+            depth,
+            format,
+            flush_interval,
+            offset,
+            pattern,
+            quiet,
+            buffer_size,
+            step,
+            cache,
+            write,
+            no_drain,
+            file,
+            ..
+        } => {
+            let (sync, flush_each_write) = match cache.as_str() {
+                "none" | "writeback" => (true, false),
+                "writethrough" | "directsync" => (true, true),
+                "unsafe" => (false, false),
+                other => bail!("invalid cache option '{other}' (none, writeback, writethrough, directsync, unsafe)"),
+            };
+            if flush_interval > 0 && !write {
+                bail!("--flush-interval is only available in write tests");
+            }
+            if flush_interval > 0 && flush_interval < depth {
+                bail!("Flush interval can't be smaller than depth");
+            }
+            let parse = |text: &str| lib::parse_size(text).map_err(anyhow::Error::msg);
+            let pattern_value = parse(&pattern)?;
+            let options = BenchOptions {
+                count,
+                depth,
+                offset: parse(&offset)?,
+                buffer_size: parse(&buffer_size)?,
+                step: step.as_deref().map(parse).transpose()?,
+                write,
+                pattern: u8::try_from(pattern_value).context("--pattern must be a byte value")?,
+                flush_interval,
+                flush_each_write,
+                drain: !no_drain,
+                quiet,
+            };
+            let mut disk = Disk::open(&file, format.as_deref(), !write, sync)?;
+            bench::run(&mut disk, &options).with_context(|| format!("{}", file.display()))?;
+            let _ = options.drain;
+            disk.flush()
+                .with_context(|| format!("{}", file.display()))?;
+            Ok(0)
+        }
+    }
+}
+
+fn parse_size_arg(text: &str) -> Result<u64> {
+    lib::parse_size(text).map_err(anyhow::Error::msg)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create(
+    format: &str,
+    backing: Option<String>,
+    backing_format: Option<String>,
+    options: &[String],
+    unsafe_backing: bool,
+    quiet: bool,
+    file: &Path,
+    size: Option<&str>,
+) -> Result<u8> {
+    let name = file.display();
+    let size = size
+        .map(parse_size_arg)
+        .transpose()
+        .with_context(|| format!("{name}"))?;
+    match format {
+        "raw" => {
+            if backing.is_some() {
+                bail!("{name}: raw images cannot have a backing file");
+            }
+            let size = size.with_context(|| format!("{name}: image size must be given"))?;
+            lib::create_raw(file, size)?;
+            if !quiet {
+                println!("Formatting '{name}', fmt=raw size={size}");
+            }
+            return Ok(0);
+        }
+        "qcow2" => {}
+        other => bail!("{name}: unsupported format '{other}' (qcow2 or raw)"),
+    }
+    let mut create_options = CreateOptions {
+        backing_file: backing,
+        backing_format,
+        ..CreateOptions::default()
+    };
+    for list in options {
+        for item in list.split(',').filter(|s| !s.is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, "on"));
+            create_options
+                .set(key, value)
+                .with_context(|| format!("{name}"))?;
+        }
+    }
+    if create_options.backing_file.is_some()
+        && create_options.backing_format.is_none()
+        && !unsafe_backing
+    {
+        let backing_path = lib::image::resolve_backing_path(
+            Some(file),
+            create_options.backing_file.as_deref().unwrap_or(""),
+        );
+        create_options.backing_format =
+            Some(probe(&backing_path).with_context(|| format!("{name}: backing file"))?);
+    }
+    create_options.size = match size {
+        Some(size) => size,
+        None if create_options.backing_file.is_some() && !unsafe_backing => {
+            lib::create::backing_size(file, &create_options).with_context(|| format!("{name}"))?
+        }
+        None => bail!("{name}: image size must be given"),
+    };
+    if unsafe_backing {
+        let backing = create_options.backing_file.take();
+        lib::create(file, &create_options).with_context(|| format!("{name}"))?;
+        if let Some(backing) = backing {
+            // -u: record the name without opening the backing file.
+            let mut opts = create_options.clone();
+            opts.backing_file = Some(backing);
+            let storage = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .truncate(true)
+                .open(file)?;
+            let mut storage = lib::FileStorage::new(storage);
+            lib::create_on(&mut storage, &opts).with_context(|| format!("{name}"))?;
+        }
+    } else {
+        lib::create(file, &create_options).with_context(|| format!("{name}"))?;
+    }
+    if !quiet {
+        let mut banner = format!(
+            "Formatting '{name}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}",
+            create_options.cluster_size, create_options.size
+        );
+        if let Some(b) = &create_options.backing_file {
+            banner += &format!(" backing_file={b}");
+        }
+        if let Some(f) = &create_options.backing_format {
+            banner += &format!(" backing_fmt={f}");
+        }
+        if create_options.version == 2 {
+            banner += " compat=0.10";
+        }
+        banner += &format!(
+            " lazy_refcounts={} refcount_bits={}",
+            if create_options.lazy_refcounts {
+                "on"
+            } else {
+                "off"
+            },
+            create_options.refcount_bits
+        );
+        println!("{banner}");
+    }
+    Ok(0)
+}
+
+/// qemu's `size_to_str`: three significant digits and a binary unit.
+pub fn human_size(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut unit = 0;
+    let mut value = bytes as f64;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let digits = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let mut text = format!("{value:.digits$}");
+    if text.contains('.') {
+        text = text.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    format!("{text} {}", units[unit])
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String> {
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+    value.serialize(&mut serializer)?;
+    Ok(String::from_utf8(out)?)
+}
+
+#[derive(Serialize)]
+struct FormatSpecificQcow2 {
+    compat: &'static str,
+    #[serde(rename = "compression-type")]
+    compression_type: &'static str,
+    #[serde(rename = "lazy-refcounts", skip_serializing_if = "Option::is_none")]
+    lazy_refcounts: Option<bool>,
+    #[serde(rename = "refcount-bits")]
+    refcount_bits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrupt: Option<bool>,
+    #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
+    extended_l2: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct FormatSpecific<T> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    data: T,
+}
+
+#[derive(Serialize)]
+struct ChildNode {
+    name: &'static str,
+    info: FileNodeInfo,
+}
+
+#[derive(Serialize)]
+struct FileNodeInfo {
+    children: Vec<ChildNode>,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    filename: String,
+    format: &'static str,
+    #[serde(rename = "actual-size", skip_serializing_if = "Option::is_none")]
+    actual_size: Option<u64>,
+    #[serde(rename = "format-specific")]
+    format_specific: FormatSpecific<serde_json::Map<String, serde_json::Value>>,
+    #[serde(rename = "dirty-flag")]
+    dirty_flag: bool,
+}
+
+#[derive(Serialize)]
+struct SnapshotInfo {
+    id: String,
+    name: String,
+    #[serde(rename = "vm-state-size")]
+    vm_state_size: u64,
+    #[serde(rename = "date-sec")]
+    date_sec: u32,
+    #[serde(rename = "date-nsec")]
+    date_nsec: u32,
+    #[serde(rename = "vm-clock-sec")]
+    vm_clock_sec: u64,
+    #[serde(rename = "vm-clock-nsec")]
+    vm_clock_nsec: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    icount: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ImageInfo {
+    children: Vec<ChildNode>,
+    #[serde(
+        rename = "backing-filename-format",
+        skip_serializing_if = "Option::is_none"
+    )]
+    backing_filename_format: Option<String>,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    filename: String,
+    #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
+    cluster_size: Option<u64>,
+    format: &'static str,
+    #[serde(rename = "actual-size", skip_serializing_if = "Option::is_none")]
+    actual_size: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    snapshots: Vec<SnapshotInfo>,
+    #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
+    format_specific: Option<FormatSpecific<FormatSpecificQcow2>>,
+    #[serde(
+        rename = "full-backing-filename",
+        skip_serializing_if = "Option::is_none"
+    )]
+    full_backing_filename: Option<String>,
+    #[serde(rename = "backing-filename", skip_serializing_if = "Option::is_none")]
+    backing_filename: Option<String>,
+    #[serde(rename = "dirty-flag")]
+    dirty_flag: bool,
+    #[serde(skip)]
+    file_length: u64,
+}
+
+fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
+    let name = path.display().to_string();
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => probe(path)?,
+    };
+    let metadata = std::fs::metadata(path).with_context(|| format!("cannot open {name}"))?;
+    use std::os::unix::fs::MetadataExt;
+    let actual_size = Some(metadata.blocks() * 512);
+    let file_length = metadata.len();
+    let file_node = FileNodeInfo {
+        children: Vec::new(),
+        virtual_size: file_length,
+        filename: name.clone(),
+        format: "file",
+        actual_size,
+        format_specific: FormatSpecific {
+            kind: "file",
+            data: serde_json::Map::new(),
+        },
+        dirty_flag: false,
+    };
+    let children = vec![ChildNode {
+        name: "file",
+        info: file_node,
+    }];
+    if format == "raw" {
+        return Ok(ImageInfo {
+            children,
+            backing_filename_format: None,
+            virtual_size: file_length,
+            filename: name,
+            cluster_size: None,
+            format: "raw",
+            actual_size,
+            snapshots: Vec::new(),
+            format_specific: None,
+            full_backing_filename: None,
+            backing_filename: None,
+            dirty_flag: false,
+            file_length,
+        });
+    }
+    if format != "qcow2" {
+        bail!("{name}: unsupported format '{format}' (qcow2 or raw)");
+    }
+    // Read-only, and without opening the backing chain's data: only names are reported.
+    let options = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let image = Image::open(path, &options).with_context(|| name.clone())?;
+    let header = image.header();
+    let v3 = header.version >= 3;
+    let full_backing = header.backing_file.as_deref().map(|b| {
+        lib::image::resolve_backing_path(Some(path), b)
+            .display()
+            .to_string()
+    });
+    Ok(ImageInfo {
+        children,
+        backing_filename_format: header.backing_format.clone(),
+        virtual_size: header.size,
+        filename: name,
+        cluster_size: Some(header.cluster_size()),
+        format: "qcow2",
+        actual_size,
+        snapshots: image
+            .snapshots()
+            .iter()
+            .map(|s| SnapshotInfo {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                vm_state_size: s.vm_state_size,
+                date_sec: s.date_sec,
+                date_nsec: s.date_nsec,
+                vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+                vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+                icount: s.icount,
+            })
+            .collect(),
+        format_specific: Some(FormatSpecific {
+            kind: "qcow2",
+            data: FormatSpecificQcow2 {
+                compat: if v3 { "1.1" } else { "0.10" },
+                compression_type: header.compression_type.name(),
+                lazy_refcounts: v3.then(|| image.lazy_refcounts()),
+                refcount_bits: header.refcount_bits(),
+                corrupt: v3
+                    .then_some(header.incompatible_features & lib::header::INCOMPAT_CORRUPT != 0),
+                extended_l2: v3.then_some(false),
+            },
+        }),
+        full_backing_filename: full_backing,
+        backing_filename: header.backing_file.clone(),
+        dirty_flag: header.incompatible_features & lib::header::INCOMPAT_DIRTY != 0,
+        file_length,
+    })
+}
+
+fn print_human_info(info: &ImageInfo) {
+    println!("image: {}", info.filename);
+    println!("file format: {}", info.format);
+    println!(
+        "virtual size: {} ({} bytes)",
+        human_size(info.virtual_size),
+        info.virtual_size
+    );
+    if let Some(actual) = info.actual_size {
+        println!("disk size: {}", human_size(actual));
+    }
+    if let Some(cluster_size) = info.cluster_size {
+        println!("cluster_size: {cluster_size}");
+    }
+    if let Some(backing) = &info.backing_filename {
+        match &info.full_backing_filename {
+            Some(full) if full != backing => {
+                println!("backing file: {backing} (actual path: {full})")
+            }
+            _ => println!("backing file: {backing}"),
+        }
+    }
+    if let Some(format) = &info.backing_filename_format {
+        println!("backing file format: {format}");
+    }
+    if info.dirty_flag {
+        println!("cleanly shut down: no");
+    }
+    if !info.snapshots.is_empty() {
+        println!("Snapshot list:");
+        println!(
+            "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
+            "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
+        );
+        for s in &info.snapshots {
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                s.vm_clock_sec / 3600,
+                (s.vm_clock_sec / 60) % 60,
+                s.vm_clock_sec % 60,
+                s.vm_clock_nsec / 1_000_000
+            );
+            let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+            println!(
+                "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
+                s.id,
+                s.name,
+                human_size(s.vm_state_size),
+                s.date_sec,
+                clock,
+                icount
+            );
+        }
+    }
+    if let Some(specific) = &info.format_specific {
+        let d = &specific.data;
+        println!("Format specific information:");
+        println!("    compat: {}", d.compat);
+        println!("    compression type: {}", d.compression_type);
+        if let Some(lazy) = d.lazy_refcounts {
+            println!("    lazy refcounts: {lazy}");
+        }
+        println!("    refcount bits: {}", d.refcount_bits);
+        if let Some(corrupt) = d.corrupt {
+            println!("    corrupt: {corrupt}");
+        }
+        if let Some(ext) = d.extended_l2 {
+            println!("    extended l2: {ext}");
+        }
+    }
+    println!("Child node '/file':");
+    println!("    filename: {}", info.filename);
+    println!("    protocol type: file");
+    println!(
+        "    file length: {} ({} bytes)",
+        human_size(info.file_length),
+        info.file_length
+    );
+    if let Some(actual) = info.actual_size {
+        println!("    disk size: {}", human_size(actual));
+    }
+}
+
+fn info(format: Option<&str>, output: Output, backing_chain: bool, file: &Path) -> Result<u8> {
+    let mut chain = vec![image_info(file, format)?];
+    if backing_chain {
+        while let Some(full) = chain.last().and_then(|i| i.full_backing_filename.clone()) {
+            if chain.len() > lib::image::MAX_BACKING_DEPTH {
+                bail!(
+                    "{}: backing chain is deeper than {} images",
+                    file.display(),
+                    lib::image::MAX_BACKING_DEPTH
+                );
+            }
+            let backing_format = chain.last().and_then(|i| i.backing_filename_format.clone());
+            chain.push(image_info(Path::new(&full), backing_format.as_deref())?);
+        }
+    }
+    match output {
+        Output::Json if backing_chain => println!("{}", to_json(&chain)?),
+        Output::Json => println!("{}", to_json(&chain[0])?),
+        Output::Human => {
+            for (i, info) in chain.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_human_info(info);
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct CheckJson<'a> {
+    #[serde(rename = "image-end-offset", skip_serializing_if = "is_zero")]
+    image_end_offset: u64,
+    #[serde(rename = "total-clusters", skip_serializing_if = "is_zero")]
+    total_clusters: u64,
+    #[serde(rename = "check-errors")]
+    check_errors: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    leaks: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    corruptions: u64,
+    #[serde(rename = "leaks-fixed", skip_serializing_if = "is_zero")]
+    leaks_fixed: u64,
+    #[serde(rename = "corruptions-fixed", skip_serializing_if = "is_zero")]
+    corruptions_fixed: u64,
+    #[serde(rename = "allocated-clusters", skip_serializing_if = "is_zero")]
+    allocated_clusters: u64,
+    #[serde(rename = "fragmented-clusters", skip_serializing_if = "is_zero")]
+    fragmented_clusters: u64,
+    #[serde(rename = "compressed-clusters", skip_serializing_if = "is_zero")]
+    compressed_clusters: u64,
+    filename: &'a str,
+    format: &'a str,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+fn check(
+    format: Option<&str>,
+    repair: Option<RepairArg>,
+    output: Output,
+    quiet: bool,
+    file: &Path,
+) -> Result<u8> {
+    let name = file.display().to_string();
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => probe(file)?,
+    };
+    if format != "qcow2" {
+        println!("This image format does not support checks");
+        return Ok(63);
+    }
+    let repair = match repair {
+        None => Repair::None,
+        Some(RepairArg::Leaks) => Repair::Leaks,
+        Some(RepairArg::All) => Repair::All,
+    };
+    let options = OpenOptions {
+        read_only: repair == Repair::None,
+        check_mode: true,
+        ..OpenOptions::default()
+    };
+    let report =
+        match Image::open(file, &options).and_then(|mut image| lib::check(&mut image, repair)) {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("qcow: {name}: Check failed: {e}");
+                return Ok(1);
+            }
+        };
+    for message in &report.messages {
+        eprintln!("{message}");
+    }
+    if (report.leaks_fixed > 0 || report.corruptions_fixed > 0) && output == Output::Human && !quiet
+    {
+        println!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+            report.leaks_fixed, report.corruptions_fixed
+        );
+    }
+    match output {
+        Output::Json => {
+            let json = CheckJson {
+                image_end_offset: report.image_end_offset,
+                total_clusters: report.total_clusters,
+                check_errors: report.check_errors,
+                leaks: report.leaks,
+                corruptions: report.corruptions,
+                leaks_fixed: report.leaks_fixed,
+                corruptions_fixed: report.corruptions_fixed,
+                allocated_clusters: report.allocated_clusters,
+                fragmented_clusters: report.fragmented_clusters,
+                compressed_clusters: report.compressed_clusters,
+                filename: &name,
+                format: "qcow2",
+            };
+            println!("{}", to_json(&json)?);
+        }
+        Output::Human if !quiet => print_human_check(&report),
+        Output::Human => {}
+    }
+    Ok(check_exit_code(&report))
+}
+
+fn check_exit_code(report: &CheckReport) -> u8 {
+    if report.corruptions > 0 {
+        2
+    } else if report.leaks > 0 {
+        3
+    } else if report.check_errors > 0 {
+        1
+    } else {
+        0
+    }
+}
+
+fn print_human_check(report: &CheckReport) {
+    if report.is_clean() {
+        println!("No errors were found on the image.");
+    } else {
+        if report.corruptions > 0 {
+            println!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+                report.corruptions
+            );
+        }
+        if report.leaks > 0 {
+            println!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                report.leaks
+            );
+        }
+        if report.check_errors > 0 {
+            println!(
+                "\n{} internal errors have occurred during the check.",
+                report.check_errors
+            );
+        }
+    }
+    if report.total_clusters > 0 && report.allocated_clusters > 0 {
+        let allocated = report.allocated_clusters as f64;
+        println!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            report.allocated_clusters,
+            report.total_clusters,
+            allocated * 100.0 / report.total_clusters as f64,
+            report.fragmented_clusters as f64 * 100.0 / allocated,
+            report.compressed_clusters as f64 * 100.0 / allocated
+        );
+    }
+    if report.image_end_offset > 0 {
+        println!("Image end offset: {}", report.image_end_offset);
+    }
+}
+
+fn map(format: Option<&str>, output: Output, file: &Path) -> Result<u8> {
+    let name = file.display().to_string();
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => probe(file)?,
+    };
+    let entries = if format == "raw" {
+        let size = std::fs::metadata(file)
+            .with_context(|| format!("cannot open {name}"))?
+            .len();
+        vec![lib::MapEntry {
+            start: 0,
+            length: size,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            offset: Some(0),
+            file: Some(file.to_path_buf()),
+        }]
+    } else {
+        let options = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let mut image = Image::open(file, &options).with_context(|| name.clone())?;
+        lib::map(&mut image).with_context(|| name.clone())?
+    };
+    match output {
+        Output::Json => {
+            let lines: Vec<String> = entries
+                .iter()
+                .map(|e| {
+                    let mut line = format!(
+                        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+                        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+                    );
+                    if let Some(offset) = e.offset {
+                        line += &format!(", \"offset\": {offset}");
+                    }
+                    line + "}"
+                })
+                .collect();
+            println!("[{}]", lines.join(",\n"));
+        }
+        Output::Human => {
+            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            let hex = |v: u64| {
+                if v == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{v:#x}")
+                }
+            };
+            for e in entries.iter().filter(|e| e.data && e.offset.is_some()) {
+                let file = e
+                    .file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:<16}{:<16}{:<16}{}",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(e.offset.unwrap_or(0)),
+                    file
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -> Result<u8> {
+    let name = file.display().to_string();
+    let parsed: Vec<io_cmd::Command> = commands
+        .iter()
+        .map(|c| io_cmd::parse(c).with_context(|| format!("{name}: '{c}'")))
+        .collect::<Result<_>>()?;
+    let mut disk = Disk::open(file, format, read_only, true)?;
+    let mut failed = false;
+    for (command, text) in parsed.iter().zip(commands) {
+        if let Err(e) = io_cmd::run(&mut disk, command) {
+            eprintln!("qcow: {name}: '{text}': {e:#}");
+            failed = true;
+        }
+    }
+    if !read_only {
+        if let Err(e) = disk.flush() {
+            eprintln!("qcow: {name}: flush failed: {e:#}");
+            failed = true;
+        }
+    }
+    Ok(u8::from(failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_size;
+
+    #[test]
+    fn human_sizes_match_qemu() {
+        assert_eq!(human_size(331776), "324 KiB");
+        assert_eq!(human_size(4194304), "4 MiB");
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(200704), "196 KiB");
+    }
+}

@@ -1,0 +1,123 @@
+//! L1 and L2 table entries: masks, flags and decoding of a guest cluster's mapping.
+
+use crate::error::{Error, Result};
+
+/// Host offset bits of L1 and standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Set when the table or cluster has refcount exactly 1 (may be written in place).
+pub const COPIED: u64 = 1 << 63;
+pub const COMPRESSED: u64 = 1 << 62;
+/// v3 zero flag of standard L2 entries.
+pub const ZERO: u64 = 1;
+/// Reserved bits of an L1 entry.
+pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+
+/// What a guest cluster maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not allocated here: read through to the backing file (or zeros).
+    Unallocated,
+    /// Reads as zeros; no host cluster.
+    ZeroPlain,
+    /// Reads as zeros; a (preallocated) host cluster is still referenced.
+    ZeroAlloc { host: u64 },
+    /// Data at `host`; `copied` = refcount is exactly 1 (can be overwritten in place).
+    Normal { host: u64, copied: bool },
+    /// Compressed data: `len` bytes starting at host byte `host`, spanning `sectors` 512-byte sectors.
+    Compressed { host: u64, len: u64, sectors: u64 },
+}
+
+impl Mapping {
+    /// Decodes a standard (64-bit) L2 entry.
+    pub fn decode(entry: u64, cluster_bits: u32) -> Result<Mapping> {
+        if entry & COMPRESSED != 0 {
+            let size_shift = 62 - (cluster_bits - 8);
+            let size_mask = (1u64 << (cluster_bits - 8)) - 1;
+            let host = entry & ((1u64 << size_shift) - 1);
+            let sectors = ((entry >> size_shift) & size_mask) + 1;
+            let len = sectors * 512 - (host & 511);
+            return Ok(Mapping::Compressed { host, len, sectors });
+        }
+        let host = entry & OFFSET_MASK;
+        let cluster_size = 1u64 << cluster_bits;
+        if host % cluster_size != 0 {
+            return Err(Error::Corrupt(format!(
+                "L2 entry {entry:#x} points at unaligned host offset {host:#x}"
+            )));
+        }
+        if entry & ZERO != 0 {
+            return Ok(if host == 0 {
+                Mapping::ZeroPlain
+            } else {
+                Mapping::ZeroAlloc { host }
+            });
+        }
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        Ok(Mapping::Normal {
+            host,
+            copied: entry & COPIED != 0,
+        })
+    }
+
+    /// The host range this mapping holds a reference on: (offset, length) in bytes.
+    pub fn host_range(self, cluster_size: u64) -> Option<(u64, u64)> {
+        match self {
+            Mapping::Unallocated | Mapping::ZeroPlain => None,
+            Mapping::ZeroAlloc { host } | Mapping::Normal { host, .. } => {
+                Some((host, cluster_size))
+            }
+            Mapping::Compressed { host, sectors, .. } => Some((host & !511, sectors * 512)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_standard_entries() {
+        assert_eq!(Mapping::decode(0, 16).unwrap(), Mapping::Unallocated);
+        assert_eq!(Mapping::decode(1, 16).unwrap(), Mapping::ZeroPlain);
+        assert_eq!(
+            Mapping::decode(COPIED | 0x50000, 16).unwrap(),
+            Mapping::Normal {
+                host: 0x50000,
+                copied: true
+            }
+        );
+        assert_eq!(
+            Mapping::decode(0x50000 | ZERO, 16).unwrap(),
+            Mapping::ZeroAlloc { host: 0x50000 }
+        );
+        assert!(Mapping::decode(COPIED | 0x50200, 16).is_err());
+    }
+
+    #[test]
+    fn decodes_compressed_entries() {
+        // 64 KiB clusters: offset in bits 0..53, additional sectors in bits 54..61.
+        let entry = COMPRESSED | (3u64 << 54) | 0x12_3456;
+        let mapping = Mapping::decode(entry, 16).unwrap();
+        assert_eq!(
+            mapping,
+            Mapping::Compressed {
+                host: 0x12_3456,
+                len: 4 * 512 - 0x56,
+                sectors: 4
+            }
+        );
+        assert_eq!(mapping.host_range(65536), Some((0x12_3400, 2048)));
+        // 2 MiB clusters: offset in bits 0..48.
+        let entry = COMPRESSED | (1u64 << 49) | 0x1000;
+        assert_eq!(
+            Mapping::decode(entry, 21).unwrap(),
+            Mapping::Compressed {
+                host: 0x1000,
+                len: 1024,
+                sectors: 2
+            }
+        );
+    }
+}

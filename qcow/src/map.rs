@@ -1,0 +1,136 @@
+//! Allocation map of the whole backing chain, merged like `qemu-img map --output=json`.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::image::{Backing, Image};
+use crate::l2::Mapping;
+use crate::raw::Storage;
+
+/// One extent of the map (qemu-img's `MapEntry`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u32,
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// File holding the data (human output only).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+impl MapEntry {
+    fn mergeable(&self, next: &MapEntry) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && self.file == next.file
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+/// Status of `[offset, offset + max_len)` in `image` and below; returns the entry for its first
+/// part (whose length may be shorter).
+fn status<S: Storage>(
+    image: &mut Image<S>,
+    offset: u64,
+    max_len: u64,
+    depth: u32,
+) -> Result<MapEntry> {
+    let cluster_size = image.cluster_size();
+    let in_cluster = offset % cluster_size;
+    let length = (cluster_size - in_cluster).min(max_len);
+    let file = image.path().map(|p| p.to_path_buf());
+    let entry = |present, zero, data, compressed, offset: Option<u64>, file| MapEntry {
+        start: 0,
+        length,
+        depth,
+        present,
+        zero,
+        data,
+        compressed,
+        offset,
+        file,
+    };
+    Ok(match image.mapping(offset)? {
+        Mapping::Normal { host, .. } => {
+            entry(true, false, true, false, Some(host + in_cluster), file)
+        }
+        Mapping::ZeroPlain => entry(true, true, false, false, None, None),
+        Mapping::ZeroAlloc { host } => {
+            entry(true, true, false, false, Some(host + in_cluster), file)
+        }
+        Mapping::Compressed { .. } => entry(true, false, true, true, None, None),
+        Mapping::Unallocated => {
+            let backing_size = image.backing().map(Backing::size);
+            match (image.backing.as_deref_mut(), backing_size) {
+                (Some(backing), Some(size)) if offset < size => {
+                    let len = length.min(size - offset);
+                    match backing {
+                        Backing::Qcow { image: lower, .. } => {
+                            status(lower, offset, len, depth + 1)?
+                        }
+                        Backing::Raw { path, .. } => MapEntry {
+                            start: 0,
+                            length: len,
+                            depth: depth + 1,
+                            present: true,
+                            zero: false,
+                            data: true,
+                            compressed: false,
+                            offset: Some(offset),
+                            file: Some(path.clone()),
+                        },
+                    }
+                }
+                (Some(backing), _) => {
+                    let bottom = depth + 1 + chain_depth_below(backing);
+                    MapEntry {
+                        depth: bottom,
+                        ..entry(false, true, false, false, None, None)
+                    }
+                }
+                (None, _) => entry(false, true, false, false, None, None),
+            }
+        }
+    })
+}
+
+/// Number of images below `backing` in the chain.
+fn chain_depth_below(backing: &Backing) -> u32 {
+    match backing {
+        Backing::Raw { .. } => 0,
+        Backing::Qcow { image, .. } => image.backing().map_or(0, |b| 1 + chain_depth_below(b)),
+    }
+}
+
+/// The merged map of the whole virtual disk.
+pub fn map<S: Storage>(image: &mut Image<S>) -> Result<Vec<MapEntry>> {
+    let size = image.size();
+    let mut entries: Vec<MapEntry> = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let mut entry = status(image, offset, size - offset, 0)?;
+        entry.start = offset;
+        offset += entry.length;
+        match entries.last_mut() {
+            Some(last) if last.mergeable(&entry) => last.length += entry.length,
+            _ => entries.push(entry),
+        }
+    }
+    Ok(entries)
+}

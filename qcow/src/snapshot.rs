@@ -1,0 +1,168 @@
+//! The internal snapshot table: parsing and validation (snapshots are read, never created).
+
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::error::{Error, Result};
+use crate::header::{check_table_offset, MAX_L1_BYTES, MAX_SNAPSHOTS};
+use crate::raw::Storage;
+
+/// QEMU's cap on the whole table and on one entry's extra data.
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+pub const MAX_EXTRA_DATA: u64 = 1024;
+
+/// One internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub l1_table_offset: u64,
+    pub l1_size: u32,
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub vm_state_size: u64,
+    pub disk_size: Option<u64>,
+    pub icount: Option<u64>,
+}
+
+/// Reads and validates `count` snapshot entries at `offset`. Returns the snapshots and the table's
+/// length in bytes.
+pub fn read_table<S: Storage + ?Sized>(
+    file: &mut S,
+    offset: u64,
+    count: u32,
+    cluster_size: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
+    if count == 0 {
+        return Ok((Vec::new(), 0));
+    }
+    if u64::from(count) > MAX_SNAPSHOTS {
+        return Err(Error::TooManySnapshots(u64::from(count)));
+    }
+    check_table_offset("snapshot table", offset, 0, cluster_size)?;
+    let file_len = file
+        .len()
+        .map_err(|e| Error::InvalidSnapshotTable(e.to_string()))?;
+    let mut snapshots = Vec::new();
+    let mut pos = offset;
+    let bad = |why: String| Error::InvalidSnapshotTable(why);
+    for i in 0..count {
+        if pos - offset + 40 > MAX_TABLE_BYTES {
+            return Err(bad(format!(
+                "table exceeds {MAX_TABLE_BYTES} bytes at entry {i}"
+            )));
+        }
+        if pos + 40 > file_len {
+            return Err(bad(format!(
+                "entry {i} at {pos:#x} is past the end of the file"
+            )));
+        }
+        let mut fixed = [0u8; 40];
+        file.read_at(&mut fixed, pos)
+            .map_err(|e| bad(e.to_string()))?;
+        let l1_table_offset = BigEndian::read_u64(&fixed[0..]);
+        let l1_size = BigEndian::read_u32(&fixed[8..]);
+        let id_len = u64::from(BigEndian::read_u16(&fixed[12..]));
+        let name_len = u64::from(BigEndian::read_u16(&fixed[14..]));
+        let extra_len = u64::from(BigEndian::read_u32(&fixed[36..]));
+        if extra_len > MAX_EXTRA_DATA {
+            return Err(bad(format!(
+                "entry {i} has {extra_len} bytes of extra data (at most 1024)"
+            )));
+        }
+        let entry_len = (40 + extra_len + id_len + name_len).div_ceil(8) * 8;
+        if pos - offset + entry_len > MAX_TABLE_BYTES || pos + entry_len > file_len {
+            return Err(bad(format!(
+                "entry {i} at {pos:#x} runs past the end of the table or file"
+            )));
+        }
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(bad(format!(
+                "snapshot {i} L1 table has {l1_size} entries (too large)"
+            )));
+        }
+        if l1_size > 0 {
+            check_table_offset(
+                "snapshot L1 table",
+                l1_table_offset,
+                u64::from(l1_size) * 8,
+                cluster_size,
+            )?;
+        }
+        let mut rest = vec![0u8; (entry_len - 40) as usize];
+        file.read_at(&mut rest, pos + 40)
+            .map_err(|e| bad(e.to_string()))?;
+        let extra = &rest[..extra_len as usize];
+        let read_extra =
+            |at: usize| (extra.len() >= at + 8).then(|| BigEndian::read_u64(&extra[at..]));
+        let id_start = extra_len as usize;
+        let name_start = id_start + id_len as usize;
+        snapshots.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id: String::from_utf8_lossy(&rest[id_start..name_start]).into_owned(),
+            name: String::from_utf8_lossy(&rest[name_start..name_start + name_len as usize])
+                .into_owned(),
+            date_sec: BigEndian::read_u32(&fixed[16..]),
+            date_nsec: BigEndian::read_u32(&fixed[20..]),
+            vm_clock_nsec: BigEndian::read_u64(&fixed[24..]),
+            vm_state_size: read_extra(0).unwrap_or(u64::from(BigEndian::read_u32(&fixed[32..]))),
+            disk_size: read_extra(8),
+            icount: read_extra(16).filter(|&v| v != u64::MAX),
+        });
+        pos += entry_len;
+    }
+    Ok((snapshots, pos - offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raw::MemStorage;
+
+    fn entry(l1_offset: u64, l1_size: u32, id: &str, name: &str) -> Vec<u8> {
+        let mut buf = vec![0u8; 40];
+        BigEndian::write_u64(&mut buf[0..], l1_offset);
+        BigEndian::write_u32(&mut buf[8..], l1_size);
+        BigEndian::write_u16(&mut buf[12..], id.len() as u16);
+        BigEndian::write_u16(&mut buf[14..], name.len() as u16);
+        BigEndian::write_u32(&mut buf[36..], 16);
+        buf.extend_from_slice(&[0; 8]);
+        buf.extend_from_slice(&4096u64.to_be_bytes());
+        buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(name.as_bytes());
+        buf.resize(buf.len().div_ceil(8) * 8, 0);
+        buf
+    }
+
+    #[test]
+    fn parses_entries() {
+        let mut file = MemStorage::default();
+        let mut table = entry(0x30000, 1, "1", "first");
+        table.extend(entry(0x40000, 1, "2", "second"));
+        file.write_at(&table, 0x10000).unwrap();
+        let (snapshots, len) = read_table(&mut file, 0x10000, 2, 65536).unwrap();
+        assert_eq!(len, table.len() as u64);
+        assert_eq!(snapshots[1].name, "second");
+        assert_eq!(snapshots[1].disk_size, Some(4096));
+    }
+
+    #[test]
+    fn rejects_bad_entries() {
+        let mut file = MemStorage::default();
+        file.write_at(&entry(0x30001, 1, "1", "x"), 0x10000)
+            .unwrap();
+        assert!(matches!(
+            read_table(&mut file, 0x10000, 1, 65536),
+            Err(Error::InvalidTableOffset {
+                what: "snapshot L1 table",
+                ..
+            })
+        ));
+        assert!(matches!(
+            read_table(&mut file, 0x10000, 70000, 65536),
+            Err(Error::TooManySnapshots(70000))
+        ));
+        assert!(read_table(&mut file, 0x10000, 2, 65536).is_err());
+    }
+}
