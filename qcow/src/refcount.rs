@@ -270,8 +270,7 @@ impl Refcounts {
                 if index as usize >= self.table.len() {
                     cluster = self.grow_table(file, cluster)?;
                 } else {
-                    self.create_block(file, cluster)?;
-                    cluster += 1;
+                    cluster = self.create_block(file, cluster)?;
                 }
                 run_start = cluster;
                 continue;
@@ -295,22 +294,48 @@ impl Refcounts {
         Ok(run_start << self.cluster_bits)
     }
 
-    /// Creates a self-describing refcount block at `cluster` (the first cluster needed in a range
-    /// without a block) and hooks it into the table.
-    fn create_block<S: Storage + ?Sized>(&mut self, file: &mut S, cluster: u64) -> Result<()> {
-        let offset = cluster << self.cluster_bits;
-        let mut block = vec![0u8; self.cluster_size() as usize];
-        set_entry(
-            &mut block,
-            (cluster % self.entries_per_block) as usize,
-            self.order,
-            1,
+    /// First cluster index past the end of the file.
+    fn file_end_cluster<S: Storage + ?Sized>(&self, file: &mut S) -> Result<u64> {
+        let len = file.len().map_err(Error::ReadRefcountTable)?;
+        Ok(len.div_ceil(self.cluster_size()))
+    }
+
+    /// Creates a self-describing refcount block for the range of `cluster` (the first cluster
+    /// needed in a range without a block) and hooks it into the table. Returns the next cluster to
+    /// consider. Clusters of the range that already lie inside the file are counted as used: in a
+    /// consistent image there are none, and otherwise they are leftovers of a crash (now leaks) or
+    /// live data of a damaged image that must not be overwritten.
+    fn create_block<S: Storage + ?Sized>(&mut self, file: &mut S, cluster: u64) -> Result<u64> {
+        let index = cluster / self.entries_per_block;
+        let range_start = index * self.entries_per_block;
+        let range_end = range_start + self.entries_per_block;
+        let file_end = self.file_end_cluster(file)?;
+        let block_cluster = cluster.max(file_end);
+        let (start_byte, end_byte) = (
+            range_start << self.cluster_bits,
+            range_end << self.cluster_bits,
         );
+        let covers_metadata = self
+            .protected
+            .iter()
+            .any(|&(off, len)| off < end_byte && start_byte < off + len);
+        if covers_metadata || block_cluster >= range_end {
+            return Err(Error::Corrupt(format!(
+                "refcount table entry {index} is empty although the clusters it covers are inside \
+                 the file; run `qcow check -r all`"
+            )));
+        }
+        let offset = block_cluster << self.cluster_bits;
+        let mut block = vec![0u8; self.cluster_size() as usize];
+        for used in range_start..block_cluster.min(file_end) {
+            set_entry(&mut block, (used - range_start) as usize, self.order, 1);
+        }
+        let own_index = (block_cluster - range_start) as usize;
+        set_entry(&mut block, own_index, self.order, 1);
         write_block(file, offset, &block)?;
         // Ordering: the block (which counts itself) must be durable before the table entry points at
         // it; a crash in between leaves an unreferenced cluster, never a garbage refcount block.
         file.flush().map_err(Error::Flush)?;
-        let index = cluster / self.entries_per_block;
         self.table[index as usize] = offset;
         let mut entry = [0u8; 8];
         BigEndian::write_u64(&mut entry, offset);
@@ -320,16 +345,20 @@ impl Refcounts {
         file.flush().map_err(Error::Flush)?;
         self.blocks.insert(offset, block, false, |off, data| {
             write_block(file, off, data)
-        })
+        })?;
+        Ok(block_cluster + 1)
     }
 
-    /// Grows the refcount table so that it covers `cluster` (the first cluster past the covered
-    /// area, hence everything from it on is free). Returns the first cluster after the new metadata.
-    fn grow_table<S: Storage + ?Sized>(&mut self, file: &mut S, area_start: u64) -> Result<u64> {
+    /// Grows the refcount table so that it covers `uncovered` (the first cluster past the covered
+    /// area). The new blocks and table go past the end of the file; clusters between `uncovered`
+    /// and the end of the file are counted as used (see `create_block`). Returns the first cluster
+    /// after the new metadata.
+    fn grow_table<S: Storage + ?Sized>(&mut self, file: &mut S, uncovered: u64) -> Result<u64> {
+        let area_start = uncovered.max(self.file_end_cluster(file)?);
         let cluster_size = self.cluster_size();
         let per_table_cluster = cluster_size / 8;
         let old_len = self.table.len() as u64;
-        let first_new_index = area_start / self.entries_per_block;
+        let first_new_index = uncovered / self.entries_per_block;
         let mut new_blocks = 1u64;
         let mut table_clusters;
         loop {
@@ -355,7 +384,7 @@ impl Refcounts {
             let mut block = vec![0u8; cluster_size as usize];
             let range_start = index * self.entries_per_block;
             let range_end = range_start + self.entries_per_block;
-            for c in area_start.max(range_start)..area_end.min(range_end) {
+            for c in uncovered.max(range_start)..area_end.min(range_end) {
                 set_entry(&mut block, (c - range_start) as usize, self.order, 1);
             }
             write_block(file, block_cluster << self.cluster_bits, &block)?;

@@ -954,6 +954,14 @@ fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -
         .iter()
         .map(|c| io_cmd::parse(c).with_context(|| format!("{name}: '{c}'")))
         .collect::<Result<_>>()?;
+    // Like qemu-io -r when nothing writes: a corrupt-flagged image can still be read.
+    let writes = parsed.iter().any(|c| {
+        matches!(
+            c,
+            io_cmd::Command::Write { .. } | io_cmd::Command::Discard { .. }
+        )
+    });
+    let read_only = read_only || !writes;
     let mut disk = Disk::open(file, format, read_only, true)?;
     let mut failed = false;
     for (command, text) in parsed.iter().zip(commands) {
