@@ -70,8 +70,10 @@ pub fn read_table<S: Storage + ?Sized>(
                 "entry {i} has {extra_len} bytes of extra data (at most 1024)"
             )));
         }
-        let entry_len = (40 + extra_len + id_len + name_len).div_ceil(8) * 8;
-        if pos - offset + entry_len > MAX_TABLE_BYTES || pos + entry_len > file_len {
+        let unpadded_len = 40 + extra_len + id_len + name_len;
+        let entry_len = unpadded_len.div_ceil(8) * 8;
+        // The padding after the last entry may lie past the end of the file.
+        if pos - offset + entry_len > MAX_TABLE_BYTES || pos + unpadded_len > file_len {
             return Err(bad(format!(
                 "entry {i} at {pos:#x} runs past the end of the table or file"
             )));

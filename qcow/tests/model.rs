@@ -1,0 +1,481 @@
+//! Model-based random test: thousands of random writes, zero-writes, discards, reads, flushes and
+//! reopens against an in-memory `Vec<u8>` model, over several cluster sizes, refcount widths,
+//! versions and backing files. Every read must equal the model; at the end the library's own check
+//! must be clean, and (when qemu-img is installed) `qemu-img check` must be clean and
+//! `qemu-img compare` must find the image identical to a raw dump of the model.
+//!
+//! The seed is printed; rerun a failure with `QCOW_MODEL_SEED=<seed>`.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use qcow::{CreateOptions, Image, OpenOptions, Repair};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BaseKind {
+    None,
+    Qcow,
+    Raw,
+    /// Compressed qcow2 made by `qemu-img convert -c` (the image itself, not a backing file).
+    Compressed,
+    /// Image with an internal snapshot made by `qemu-img snapshot -c` before the random ops.
+    Snapshot,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    cluster_size: u64,
+    refcount_bits: u32,
+    version: u32,
+    size: u64,
+    base: BaseKind,
+    /// Backing file shorter than the image (tests zeros past its end).
+    base_size: u64,
+    ops: usize,
+}
+
+fn have_qemu_img() -> bool {
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qcow-model-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn random_bytes(rng: &mut fastrand::Rng, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    // Runs of one byte value compress well (for the compressed base) yet differ everywhere.
+    let mut i = 0;
+    while i < len {
+        let run = rng.usize(1..64).min(len - i);
+        buf[i..i + run].fill(rng.u8(..));
+        i += run;
+    }
+    buf
+}
+
+/// Makes the base file (if any) and the image; returns the image path and the initial model.
+fn prepare(
+    dir: &Path,
+    config: &Config,
+    rng: &mut fastrand::Rng,
+    qemu: bool,
+) -> Option<(PathBuf, Vec<u8>)> {
+    let image = dir.join("image.qcow2");
+    let mut model = vec![0u8; config.size as usize];
+    let mut options = CreateOptions {
+        size: config.size,
+        cluster_size: config.cluster_size,
+        refcount_bits: config.refcount_bits,
+        version: config.version,
+        ..CreateOptions::default()
+    };
+    match config.base {
+        BaseKind::None => {}
+        BaseKind::Raw => {
+            let data = random_bytes(rng, config.base_size as usize);
+            std::fs::write(dir.join("base.raw"), &data).unwrap();
+            model[..data.len()].copy_from_slice(&data);
+            options.backing_file = Some("base.raw".into());
+            options.backing_format = Some("raw".into());
+        }
+        BaseKind::Qcow => {
+            let base = dir.join("base.qcow2");
+            let base_options = CreateOptions {
+                size: config.base_size,
+                cluster_size: 65536,
+                ..CreateOptions::default()
+            };
+            qcow::create(&base, &base_options).unwrap();
+            let mut base_image = Image::open(&base, &OpenOptions::default()).unwrap();
+            // Fill every other 48 KiB stretch, leaving holes that read through as zeros.
+            let mut offset = 0;
+            while offset < config.base_size {
+                let len = (48 * 1024).min(config.base_size - offset);
+                let data = random_bytes(rng, len as usize);
+                base_image.write_at(&data, offset).unwrap();
+                model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                offset += 96 * 1024;
+            }
+            base_image.flush().unwrap();
+            options.backing_file = Some("base.qcow2".into());
+            options.backing_format = Some("qcow2".into());
+        }
+        BaseKind::Compressed => {
+            if !qemu {
+                return None;
+            }
+            let raw = dir.join("source.raw");
+            let data = random_bytes(rng, config.size as usize);
+            std::fs::write(&raw, &data).unwrap();
+            model.copy_from_slice(&data);
+            let cluster = format!("cluster_size={}", config.cluster_size);
+            let (ok, text) = qemu_img(&[
+                "convert",
+                "-q",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &cluster,
+                raw.to_str().unwrap(),
+                image.to_str().unwrap(),
+            ]);
+            assert!(ok, "qemu-img convert -c failed: {text}");
+            return Some((image, model));
+        }
+        BaseKind::Snapshot => {
+            if !qemu {
+                return None;
+            }
+            qcow::create(&image, &options).unwrap();
+            let mut img = Image::open(&image, &OpenOptions::default()).unwrap();
+            let data = random_bytes(rng, (config.size / 2) as usize);
+            img.write_at(&data, 0).unwrap();
+            img.flush().unwrap();
+            drop(img);
+            model[..data.len()].copy_from_slice(&data);
+            let (ok, text) = qemu_img(&["snapshot", "-c", "snap1", image.to_str().unwrap()]);
+            assert!(ok, "qemu-img snapshot -c failed: {text}");
+            return Some((image, model));
+        }
+    }
+    qcow::create(&image, &options).unwrap();
+    Some((image, model))
+}
+
+/// The content the model gets for discarded whole clusters.
+fn discarded_content(config: &Config, backing: &[u8], start: usize, end: usize) -> Vec<u8> {
+    let mut out = vec![0u8; end - start];
+    let has_backing = matches!(config.base, BaseKind::Qcow | BaseKind::Raw);
+    if config.version < 3 && has_backing {
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = backing.get(start + i).copied().unwrap_or(0);
+        }
+    }
+    out
+}
+
+fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = scratch_dir(name);
+    let Some((path, mut model)) = prepare(&dir, &config, &mut rng, qemu) else {
+        println!("SKIP {name}: qemu-img is not installed");
+        return;
+    };
+    let backing_model = model.clone();
+    let mut image = Image::open(&path, &OpenOptions::default()).unwrap();
+    let size = config.size;
+    let cluster = config.cluster_size;
+    // Concentrate on a hot region so operations overlap, with occasional far-away ones.
+    let hot = (size / 4).max(cluster * 4).min(size);
+    for step in 0..config.ops {
+        let max_len = (cluster * 3).min(size);
+        let len = match rng.u8(0..4) {
+            0 => rng.u64(1..=512.min(max_len)),
+            1 => cluster.min(size),
+            _ => rng.u64(1..=max_len),
+        };
+        let region = if rng.u8(0..8) == 0 { size } else { hot };
+        let mut offset = rng.u64(0..=region.saturating_sub(len).min(size - len));
+        if rng.bool() {
+            offset -= offset % 512;
+        }
+        let context =
+            |op: &str| format!("{name} seed {seed} step {step}: {op} offset {offset} len {len}");
+        match rng.u8(0..20) {
+            0..=7 => {
+                let data = random_bytes(&mut rng, len as usize);
+                image
+                    .write_at(&data, offset)
+                    .unwrap_or_else(|e| panic!("{}: {e}", context("write")));
+                model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+            }
+            8..=9 => {
+                image
+                    .write_zeroes(offset, len)
+                    .unwrap_or_else(|e| panic!("{}: {e}", context("write_zeroes")));
+                model[offset as usize..(offset + len) as usize].fill(0);
+            }
+            10..=11 => {
+                image
+                    .discard(offset, len)
+                    .unwrap_or_else(|e| panic!("{}: {e}", context("discard")));
+                let end = offset + len;
+                let mut start = offset.div_ceil(cluster) * cluster;
+                while start < end {
+                    let cluster_end = (start + cluster).min(size);
+                    if cluster_end > end {
+                        break;
+                    }
+                    let content = discarded_content(
+                        &config,
+                        &backing_model,
+                        start as usize,
+                        cluster_end as usize,
+                    );
+                    model[start as usize..cluster_end as usize].copy_from_slice(&content);
+                    start += cluster;
+                }
+            }
+            12..=17 => {
+                let mut buf = vec![0u8; len as usize];
+                image
+                    .read_at(&mut buf, offset)
+                    .unwrap_or_else(|e| panic!("{}: {e}", context("read")));
+                let expected = &model[offset as usize..(offset + len) as usize];
+                if buf != expected {
+                    let at = buf
+                        .iter()
+                        .zip(expected)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(0);
+                    panic!(
+                        "{}: byte {} differs: image {:#04x} model {:#04x}",
+                        context("read"),
+                        offset + at as u64,
+                        buf[at],
+                        expected[at]
+                    );
+                }
+            }
+            18 => image
+                .flush()
+                .unwrap_or_else(|e| panic!("{}: {e}", context("flush"))),
+            _ => {
+                image.flush().unwrap();
+                drop(image);
+                image = Image::open(&path, &OpenOptions::default())
+                    .unwrap_or_else(|e| panic!("{}: {e}", context("reopen")));
+            }
+        }
+    }
+    // Whole-disk comparison through the library.
+    let mut whole = vec![0u8; size as usize];
+    image.read_at(&mut whole, 0).unwrap();
+    assert!(
+        whole == model,
+        "{name} seed {seed}: final full read differs from the model"
+    );
+    let report = qcow::check(&mut image, Repair::None).unwrap();
+    assert!(
+        report.is_clean(),
+        "{name} seed {seed}: library check not clean: {report:?}\n{}",
+        report.messages.join("\n")
+    );
+    drop(image);
+    if qemu {
+        let (ok, text) = qemu_img(&["check", path.to_str().unwrap()]);
+        assert!(
+            ok && text.contains("No errors were found"),
+            "{name} seed {seed}: qemu-img check: {text}"
+        );
+        let raw = dir.join("model.raw");
+        std::fs::write(&raw, &model).unwrap();
+        let (ok, text) = qemu_img(&[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            path.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ]);
+        assert!(
+            ok && text.contains("Images are identical"),
+            "{name} seed {seed}: qemu-img compare: {text}"
+        );
+    }
+    if qemu && config.base == BaseKind::Snapshot {
+        // The snapshot still holds the data from before the random operations.
+        let raw = dir.join("snapshot.raw");
+        let (ok, text) = qemu_img(&[
+            "convert",
+            "-l",
+            "snapshot.name=snap1",
+            "-O",
+            "raw",
+            path.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ]);
+        assert!(ok, "{name} seed {seed}: qemu-img convert -l: {text}");
+        let snapshot = std::fs::read(&raw).unwrap();
+        assert!(
+            snapshot == backing_model,
+            "{name} seed {seed}: the internal snapshot's data changed"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("QCOW_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("model test seed: {seed} (rerun with QCOW_MODEL_SEED={seed})");
+    seed
+}
+
+fn run(name: &str, config: Config) {
+    let qemu = have_qemu_img();
+    if !qemu {
+        println!("SKIP qemu-img parts of {name}: qemu-img is not installed");
+    }
+    run_config(name, config, seed(), qemu);
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn v3_64k_clusters_16bit_no_backing() {
+    run(
+        "v3-64k-16",
+        Config {
+            cluster_size: 65536,
+            refcount_bits: 16,
+            version: 3,
+            size: 8 * MIB,
+            base: BaseKind::None,
+            base_size: 0,
+            ops: 2500,
+        },
+    );
+}
+
+#[test]
+fn v3_512b_clusters_64bit_refcounts_grow_the_refcount_table() {
+    run(
+        "v3-512-64",
+        Config {
+            cluster_size: 512,
+            refcount_bits: 64,
+            version: 3,
+            size: 3 * MIB,
+            base: BaseKind::None,
+            base_size: 0,
+            ops: 2500,
+        },
+    );
+}
+
+#[test]
+fn v3_4k_clusters_4bit_qcow_backing() {
+    run(
+        "v3-4k-4-qcow",
+        Config {
+            cluster_size: 4096,
+            refcount_bits: 4,
+            version: 3,
+            size: 4 * MIB,
+            base: BaseKind::Qcow,
+            base_size: 3 * MIB,
+            ops: 2500,
+        },
+    );
+}
+
+#[test]
+fn v3_2m_clusters_8bit_raw_backing() {
+    run(
+        "v3-2m-8-raw",
+        Config {
+            cluster_size: 2 * MIB,
+            refcount_bits: 8,
+            version: 3,
+            size: 12 * MIB + 4096,
+            base: BaseKind::Raw,
+            base_size: 7 * MIB,
+            ops: 400,
+        },
+    );
+}
+
+#[test]
+fn v2_8k_clusters_qcow_backing() {
+    run(
+        "v2-8k-16-qcow",
+        Config {
+            cluster_size: 8192,
+            refcount_bits: 16,
+            version: 2,
+            size: 2 * MIB,
+            base: BaseKind::Qcow,
+            base_size: 2 * MIB,
+            ops: 2500,
+        },
+    );
+}
+
+#[test]
+fn v3_16k_clusters_1bit_refcounts() {
+    run(
+        "v3-16k-1",
+        Config {
+            cluster_size: 16384,
+            refcount_bits: 1,
+            version: 3,
+            size: 4 * MIB,
+            base: BaseKind::None,
+            base_size: 0,
+            ops: 2500,
+        },
+    );
+}
+
+#[test]
+fn compressed_image_made_by_qemu_img() {
+    run(
+        "compressed-64k",
+        Config {
+            cluster_size: 65536,
+            refcount_bits: 16,
+            version: 3,
+            size: 4 * MIB,
+            base: BaseKind::Compressed,
+            base_size: 0,
+            ops: 1500,
+        },
+    );
+}
+
+#[test]
+fn image_with_internal_snapshot_made_by_qemu_img() {
+    run(
+        "snapshot-32k",
+        Config {
+            cluster_size: 32768,
+            refcount_bits: 16,
+            version: 3,
+            size: 4 * MIB,
+            base: BaseKind::Snapshot,
+            base_size: 0,
+            ops: 1500,
+        },
+    );
+}
