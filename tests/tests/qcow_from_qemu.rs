@@ -308,6 +308,12 @@ fn image_with_internal_snapshots_reads_its_active_state() {
             ])
             .ok();
         }
+        // Straight after `snapshot -c` the snapshot table is the last thing in the file.
+        verify(
+            &image,
+            &model,
+            &format!("snapshots {}, just taken", spec.label()),
+        );
         // Writes after the snapshots hit shared clusters (refcount 2): qemu copies them.
         let ops = random_ops(&mut rng, 20, size, spec.cluster_size, 128 * KIB, true, true);
         qemu_apply(&image, &mut model, &ops);
