@@ -290,8 +290,8 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
         .messages
         .append(&mut metadata_refs.report.messages);
 
-    // Compare against the stored refcounts: every cluster in the file and every cluster past it that
-    // has a refcount block.
+    // Compare against the stored refcounts of every cluster in the file (like qemu-img, refcounts
+    // of clusters past the end of the file are not looked at).
     let stored_refcount = |image: &mut Image<S>, walk: &mut Walk, cluster: u64| -> u64 {
         if !refblocks_ok {
             let offset = reftable
@@ -312,20 +312,8 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
     };
     let mut mismatched = Vec::new();
     let mut highest_used = 0u64;
-    let mut past_end_clusters = Vec::new();
-    for (index, &entry) in reftable.iter().enumerate() {
-        let offset = entry & REFTABLE_OFFSET_MASK;
-        let start = index as u64 * entries_per_block;
-        if offset != 0
-            && offset % cluster_size == 0
-            && offset < file_len
-            && start + entries_per_block > file_clusters
-        {
-            past_end_clusters.extend(start.max(file_clusters)..start + entries_per_block);
-        }
-    }
     let max_refcount = max_refcount(image.refcounts.order());
-    for cluster in (0..file_clusters).chain(past_end_clusters) {
+    for cluster in 0..file_clusters {
         let stored = stored_refcount(image, &mut walk, cluster);
         let computed = walk.refs.get(cluster as usize).copied().unwrap_or(0);
         if stored > 0 || computed > 0 {
