@@ -13,7 +13,7 @@ use crate::header::{
     MAX_HOST_OFFSET,
 };
 use crate::l2::{Mapping, COPIED, L1_RESERVED_MASK, OFFSET_MASK, ZERO};
-use crate::raw::{FileStorage, Storage};
+use crate::raw::{AlignedBuf, FileStorage, Storage};
 use crate::refcount::Refcounts;
 use crate::snapshot::{self, Snapshot};
 
@@ -126,7 +126,7 @@ pub struct Image<S: Storage = FileStorage> {
     /// Known file length (at least).
     known_len: u64,
     decompressed: Option<(u64, Vec<u8>)>,
-    scratch: Vec<u8>,
+    scratch: AlignedBuf,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) snapshot_table_len: u64,
 }
@@ -332,7 +332,7 @@ impl<S: Storage> Image<S> {
             alloc_end: 0,
             known_len: file_len,
             decompressed: None,
-            scratch: Vec::new(),
+            scratch: AlignedBuf::default(),
             snapshots,
             snapshot_table_len,
         };
@@ -747,20 +747,30 @@ impl<S: Storage> Image<S> {
                     .map_err(|source| Error::WriteData { offset: at, source })?;
             }
         } else {
-            let mut buf = std::mem::take(&mut self.scratch);
-            buf.resize(self.cluster_size as usize, 0);
-            if old_reads_zero {
-                buf.fill(0);
-            } else {
-                self.read_unmapped(mapping, cluster_start, &mut buf)?;
+            let mut scratch = std::mem::take(&mut self.scratch);
+            if scratch.len() != self.cluster_size as usize {
+                scratch = AlignedBuf::new(self.cluster_size as usize);
             }
+            let buf = scratch.as_mut_slice();
+            let read = if old_reads_zero {
+                buf.fill(0);
+                Ok(())
+            } else {
+                self.read_unmapped(mapping, cluster_start, buf)
+            };
             let range = in_cluster as usize..in_cluster as usize + len;
             match data {
                 Some(data) => buf[range].copy_from_slice(data),
                 None => buf[range].fill(0),
             }
-            let result = self.file.write_at(&buf, new_host);
-            self.scratch = buf;
+            let result = match read {
+                Ok(()) => self.file.write_at(buf, new_host),
+                Err(e) => {
+                    self.scratch = scratch;
+                    return Err(e);
+                }
+            };
+            self.scratch = scratch;
             result.map_err(|source| Error::WriteData {
                 offset: new_host,
                 source,

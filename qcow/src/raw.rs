@@ -92,6 +92,46 @@ impl Storage for FileStorage {
     }
 }
 
+/// A page-aligned byte buffer: the kernel copies to and from aligned memory much faster, which
+/// matters for cluster-sized copy-on-write buffers.
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    const ALIGN: usize = 4096;
+
+    /// A zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + Self::ALIGN];
+        let start = (Self::ALIGN - storage.as_ptr() as usize % Self::ALIGN) % Self::ALIGN;
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// An in-memory [`Storage`], handy for tests.
 #[derive(Debug, Default, Clone)]
 pub struct MemStorage {
