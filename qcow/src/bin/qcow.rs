@@ -929,7 +929,10 @@ fn map(format: Option<&str>, output: Output, file: &Path) -> Result<u8> {
                     format!("{v:#x}")
                 }
             };
-            for e in entries.iter().filter(|e| e.data && e.offset.is_some()) {
+            for e in entries.iter().filter(|e| e.data) {
+                if e.offset.is_none() {
+                    bail!("{name}: File contains external, encrypted or compressed clusters.");
+                }
                 let file = e
                     .file
                     .as_ref()
