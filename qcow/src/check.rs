@@ -141,21 +141,39 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
 
     // Every L1 table: active first, then each snapshot's. Each distinct L2 table is walked once and
     // its data references counted once per L1 entry that points at it.
-    let mut l1_tables = vec![(image.header.l1_table_offset, image.l1.clone(), true)];
-    let snapshots = image.snapshots.clone();
-    for snapshot in &snapshots {
-        let entries = u64::from(snapshot.l1_size);
-        let table = read_table(image, snapshot.l1_table_offset, entries)?;
-        l1_tables.push((snapshot.l1_table_offset, table, false));
+    // Snapshot L1 tables are read one at a time, each distinct one once (with its multiplicity), so
+    // a hostile table of many snapshots sharing one huge L1 costs neither memory nor time.
+    let mut snapshot_l1s: BTreeMap<(u64, u32), u64> = BTreeMap::new();
+    for snapshot in &image.snapshots {
+        *snapshot_l1s
+            .entry((snapshot.l1_table_offset, snapshot.l1_size))
+            .or_insert(0) += 1;
     }
+    let mut l1_tables = vec![(image.header.l1_table_offset, 0u32, 1u64, true)];
+    l1_tables.extend(
+        snapshot_l1s
+            .into_iter()
+            .map(|((offset, size), times)| (offset, size, times, false)),
+    );
     let mut l2_uses: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
-    for (l1_offset, table, active) in &l1_tables {
-        let what = if *active {
+    for &(l1_offset, l1_size, times, active) in &l1_tables {
+        let table = if active {
+            image.l1.clone()
+        } else {
+            if l1_offset + u64::from(l1_size) * 8 > file_len {
+                walk.corruption(format!(
+                    "ERROR snapshot L1 table at {l1_offset:#x} is beyond the end of the image file"
+                ));
+                continue;
+            }
+            read_table(image, l1_offset, u64::from(l1_size))?
+        };
+        let what = if active {
             "L1 table"
         } else {
             "snapshot L1 table"
         };
-        if !table.is_empty() && !walk.reference(*l1_offset, table.len() as u64 * 8, 1, what) {
+        if !table.is_empty() && !walk.reference(l1_offset, table.len() as u64 * 8, times, what) {
             continue;
         }
         for (index, &entry) in table.iter().enumerate() {
@@ -167,7 +185,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                 walk.corruption(format!(
                     "ERROR l2_offset={l2_offset:#x}: L2 table is not cluster aligned; L1 entry corrupted"
                 ));
-                if *active && repair == Repair::All {
+                if active && repair == Repair::All {
                     walk.fixes.push(Fix::Entry {
                         at: l1_offset + index as u64 * 8,
                         value: 0,
@@ -175,8 +193,8 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                 }
                 continue;
             }
-            if !walk.reference(l2_offset, cluster_size, 1, "L2 table") {
-                if *active && repair == Repair::All {
+            if !walk.reference(l2_offset, cluster_size, times, "L2 table") {
+                if active && repair == Repair::All {
                     walk.fixes.push(Fix::Entry {
                         at: l1_offset + index as u64 * 8,
                         value: 0,
@@ -185,8 +203,8 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                 continue;
             }
             let use_entry = l2_uses.entry(l2_offset).or_insert((0, false));
-            use_entry.0 += 1;
-            use_entry.1 |= *active;
+            use_entry.0 += times;
+            use_entry.1 |= active;
         }
     }
     let entries_per_l2 = cluster_size / 8;

@@ -706,10 +706,21 @@ impl<S: Storage> Image<S> {
         let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
         let mapping = Mapping::decode(entry, self.cluster_bits)?;
         if let Mapping::Normal { host, copied: true } = mapping {
-            if self.refcounts_protect(host) {
+            if self.refcounts.overlaps_protected(host) {
                 return Err(Error::Corrupt(format!(
                     "L2 entry points at metadata (host offset {host:#x})"
                 )));
+            }
+            if host >= self.known_len {
+                self.known_len = self.file.len().map_err(|source| Error::WriteData {
+                    offset: host,
+                    source,
+                })?;
+                if host >= self.known_len {
+                    return Err(Error::Corrupt(format!(
+                        "L2 entry points past the end of the file (host offset {host:#x})"
+                    )));
+                }
             }
             let at = host + in_cluster;
             return match data {
@@ -781,18 +792,6 @@ impl<S: Storage> Image<S> {
         self.set_l2_entry(l2_offset, index, new_host | COPIED)?;
         self.release(mapping);
         Ok(())
-    }
-
-    fn refcounts_protect(&self, host: u64) -> bool {
-        let end = host + self.cluster_size;
-        let l1 = (self.header.l1_table_offset, self.l1.len() as u64 * 8);
-        let reftable = (
-            self.refcounts.table_offset,
-            u64::from(self.refcounts.table_clusters) * self.cluster_size,
-        );
-        [l1, reftable]
-            .iter()
-            .any(|&(off, len)| len > 0 && host < off + len && off < end)
     }
 
     /// Queues the reference `mapping` held for release after the next metadata flush.

@@ -138,6 +138,12 @@ impl Refcounts {
                 "refcount block offset {offset:#x} is out of range"
             )));
         }
+        if self.overlaps_protected(offset) {
+            return Err(Error::Corrupt(format!(
+                "refcount block offset {offset:#x} (refcount table index {index}) overlaps the \
+                 header, L1 table, refcount table or snapshot table"
+            )));
+        }
         Ok(offset)
     }
 
@@ -246,9 +252,13 @@ impl Refcounts {
     }
 
     fn is_protected(&self, cluster: u64) -> bool {
-        let start = cluster << self.cluster_bits;
+        self.overlaps_protected(cluster << self.cluster_bits)
+    }
+
+    /// Whether the cluster at byte `start` overlaps the header or a protected table.
+    pub fn overlaps_protected(&self, start: u64) -> bool {
         let end = start + self.cluster_size();
-        start == 0
+        start < self.cluster_size()
             || self
                 .protected
                 .iter()
@@ -407,6 +417,12 @@ impl Refcounts {
         file.flush().map_err(Error::Flush)?;
         let old_offset = self.table_offset;
         let old_clusters = u64::from(self.table_clusters);
+        let new_range = (new_table_offset, table_clusters * cluster_size);
+        for range in &mut self.protected {
+            if *range == (old_offset, old_clusters * cluster_size) {
+                *range = new_range;
+            }
+        }
         self.table = new_table;
         self.table_offset = new_table_offset;
         self.table_clusters = table_clusters as u32;
