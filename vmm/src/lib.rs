@@ -1,1 +1,15 @@
-//! cowvm VMM library.
+//! cowvm: a small KVM virtual machine monitor built around copy-on-write.
+//!
+//! Data flows one way: CLI → [`config::VmConfig`] → [`builder::build`] → vCPU threads ⇄
+//! [`devices::Bus`] ⇄ devices.
+
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod kvm;
+pub mod loader;
+pub mod machine;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

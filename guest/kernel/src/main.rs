@@ -1,0 +1,120 @@
+//! cowvm's tiny guest: entered in 64-bit long mode on every vCPU, it reads the boot-info page,
+//! runs its slice of the deterministic workload, and vCPU 0 prints the digest and exits.
+//!
+//! The guest is built without SSE and prints without `core::fmt` (whose prebuilt code uses SSE):
+//! some hosts' KVM (PVM, used for nested virtualization here) emulate the instructions after a
+//! port I/O exit in software, and that emulator stops the VM on SSE instructions.
+#![no_std]
+#![no_main]
+
+mod io;
+mod mem;
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use cowvm_guest_abi::boot_info::{self, BootInfo};
+use cowvm_guest_abi::layout::{workload_page_addr, BOOT_INFO_ADDR};
+use cowvm_guest_abi::workload::{self, WORDS_PER_PAGE};
+use cowvm_guest_abi::WorkloadArgs;
+
+use io::{exit, Serial};
+
+/// Entry point of every vCPU: the VMM sets RDI = vCPU index, RSI = boot-info address and a
+/// per-vCPU stack, with paging and a flat GDT, at CPL 3 with IOPL 3 (port I/O allowed).
+#[no_mangle]
+#[link_section = ".text.entry"]
+pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
+    let out = Serial;
+    // SAFETY: the VMM wrote the boot-info page at this address and nothing writes its first
+    // ENCODED_LEN bytes after boot.
+    let page = unsafe { &*(boot_info_addr as *const [u8; boot_info::ENCODED_LEN]) };
+    let info = match BootInfo::decode(page) {
+        Ok(info) => info,
+        Err(_) => fail(cpu, "bad boot-info page (magic, version or argument length)", ""),
+    };
+    let args = match WorkloadArgs::parse(info.args) {
+        Ok(args) => args,
+        Err(_) => fail(cpu, "bad argument string: ", info.args),
+    };
+    let count = u64::from(info.vcpu_count.max(1));
+    if cpu == 0 {
+        out.str("cowvm guest: vcpus=").dec(count).str(" pages=").dec(args.pages);
+        out.str(" rounds=").dec(args.rounds).str(" seed=").dec(args.seed);
+        out.str(" write=").dec(args.write_percent).str("% generation=");
+        out.dec(info.clone_generation).str("\n");
+    }
+    let (start, end) = workload::vcpu_slice(args.pages, cpu, count);
+    let mut last_tenth = 0;
+    for round in 0..args.rounds {
+        for page in start..end {
+            if workload::is_written(&args, page, round) {
+                // SAFETY: workload pages lie in RAM (the VMM checked pages fit) and each page
+                // belongs to exactly one vCPU's slice, so this is the only reference to it.
+                let words = unsafe { page_words(page) };
+                workload::write_page(words, workload::page_key(args.seed, page, round));
+            }
+        }
+        let tenth = (round + 1) * 10 / args.rounds;
+        if cpu == 0 && tenth != last_tenth {
+            last_tenth = tenth;
+            out.str("round ").dec(round + 1).str("/").dec(args.rounds).str("\n");
+        }
+    }
+    let mut digest = 0u64;
+    for page in start..end {
+        // SAFETY: as above; this vCPU is the only one touching its slice.
+        let words = unsafe { page_words(page) };
+        digest = digest.wrapping_add(workload::page_contribution(page, workload::page_digest(words)));
+    }
+    // SAFETY: the sync area lies inside the boot-info page, is 8-byte aligned and is only ever
+    // accessed atomically by the guest.
+    let (done, digests) = unsafe {
+        (
+            &*((BOOT_INFO_ADDR + boot_info::SYNC_DONE_OFFSET) as *const AtomicU64),
+            (BOOT_INFO_ADDR + boot_info::SYNC_DIGESTS_OFFSET) as *const AtomicU64,
+        )
+    };
+    // SAFETY: index `cpu` < vcpu_count <= MAX_VCPUS, the size of the digest array.
+    unsafe { &*digests.add(cpu as usize) }.store(digest, Ordering::Relaxed);
+    // Ordering: Release publishes this vCPU's digest before the count that vCPU 0 waits on.
+    done.fetch_add(1, Ordering::Release);
+    if cpu != 0 {
+        io::halt_forever();
+    }
+    while done.load(Ordering::Acquire) < count {
+        core::hint::spin_loop();
+    }
+    let total = (0..count).fold(0u64, |sum, i| {
+        // SAFETY: i < vcpu_count, inside the digest array.
+        sum.wrapping_add(unsafe { &*digests.add(i as usize) }.load(Ordering::Relaxed))
+    });
+    out.str("DONE ").hex16(total).str("\n");
+    exit(0)
+}
+
+/// # Safety
+/// `page` must be a workload page inside guest RAM that no other live reference covers.
+unsafe fn page_words(page: u64) -> &'static mut [u64; WORDS_PER_PAGE] {
+    // SAFETY: guaranteed by the caller; pages are 4 KiB aligned, so u64-aligned.
+    unsafe { &mut *(workload_page_addr(page) as *mut [u64; WORDS_PER_PAGE]) }
+}
+
+fn fail(cpu: u64, message: &str, detail: &str) -> ! {
+    Serial.str("guest error (vcpu ").dec(cpu).str("): ").str(message).str(detail).str("\n");
+    exit(2)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let out = Serial.str("guest panic");
+    if let Some(location) = info.location() {
+        out.str(" at ").str(location.file()).str(":").dec(u64::from(location.line()));
+    }
+    out.str("\n");
+    exit(101)
+}
+
+/// The prebuilt `core` references the unwinder's personality routine from its unwind tables;
+/// with `panic = "abort"` it is never called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

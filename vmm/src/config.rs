@@ -1,0 +1,262 @@
+//! What a user asks for (`cowvm run` flags) and the checks that run before any KVM object exists.
+
+use std::path::PathBuf;
+
+use cowvm_guest_abi::layout::{max_workload_pages, MAX_VCPUS, MIN_RAM, PAGE_SIZE};
+use cowvm_guest_abi::WorkloadArgs;
+
+/// Default guest RAM.
+pub const DEFAULT_MEM_SIZE: u64 = 64 << 20;
+
+/// Which guest to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestImage {
+    /// The tiny guest embedded in the `cowvm` binary.
+    BuiltIn,
+    /// A 64-bit ELF (PT_LOAD segments) or a flat image loaded at 1 MiB.
+    File(PathBuf),
+}
+
+/// Where the guest's serial output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+/// A VM to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub args: String,
+    pub guest: GuestImage,
+    pub serial: SerialOutput,
+    pub kvm_device: PathBuf,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            mem_size: DEFAULT_MEM_SIZE,
+            vcpus: 1,
+            args: String::new(),
+            guest: GuestImage::BuiltIn,
+            serial: SerialOutput::Stdout,
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// What the host allows, read once at start.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    /// `KVM_CAP_MAX_VCPUS`.
+    pub kvm_max_vcpus: u32,
+    /// Physical RAM of the host in bytes.
+    pub host_ram: u64,
+}
+
+/// A flag value that cannot work, found before anything is built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--mem 0: guest RAM size must be positive")]
+    ZeroMemory,
+    #[error("--mem {0}: guest RAM size must be a multiple of 4 KiB (the page size)")]
+    UnalignedMemory(u64),
+    #[error("--mem {size}: too small, the guest needs at least {min} bytes (4 MiB + 4 KiB)")]
+    MemoryTooSmall { size: u64, min: u64 },
+    #[error("--mem {size}: more than this host's {host} bytes of RAM; choose a smaller size")]
+    MemoryTooLarge { size: u64, host: u64 },
+    #[error("--vcpus 0: a VM needs at least one vCPU")]
+    ZeroVcpus,
+    #[error("--vcpus {requested}: at most {max} vCPUs (KVM allows {kvm}, the guest memory map has stacks for {abi})")]
+    TooManyVcpus {
+        requested: u32,
+        max: u32,
+        kvm: u32,
+        abi: u32,
+    },
+    #[error("--args: {0}")]
+    BadGuestArgs(String),
+    #[error("--args pages={pages}: {mem_size} bytes of RAM hold at most {max} workload pages; raise --mem or lower pages")]
+    TooManyPages { pages: u64, max: u64, mem_size: u64 },
+    #[error("--args is {len} bytes long; the boot-info page holds at most {max}")]
+    ArgsTooLong { len: usize, max: usize },
+}
+
+impl VmConfig {
+    /// Checks every flag against the host and the guest ABI. Returns the built-in guest's
+    /// parsed workload arguments (`None` for a user-supplied guest, whose arguments are its own).
+    pub fn validate(&self, limits: &HostLimits) -> Result<Option<WorkloadArgs>, ConfigError> {
+        let size = self.mem_size;
+        if size == 0 {
+            return Err(ConfigError::ZeroMemory);
+        }
+        if size % PAGE_SIZE != 0 {
+            return Err(ConfigError::UnalignedMemory(size));
+        }
+        if size < MIN_RAM {
+            return Err(ConfigError::MemoryTooSmall { size, min: MIN_RAM });
+        }
+        if size > limits.host_ram {
+            return Err(ConfigError::MemoryTooLarge {
+                size,
+                host: limits.host_ram,
+            });
+        }
+        if self.vcpus == 0 {
+            return Err(ConfigError::ZeroVcpus);
+        }
+        let max = limits.kvm_max_vcpus.min(MAX_VCPUS);
+        if self.vcpus > max {
+            return Err(ConfigError::TooManyVcpus {
+                requested: self.vcpus,
+                max,
+                kvm: limits.kvm_max_vcpus,
+                abi: MAX_VCPUS,
+            });
+        }
+        let max_len = cowvm_guest_abi::boot_info::MAX_ARGS_LEN;
+        if self.args.len() > max_len {
+            return Err(ConfigError::ArgsTooLong {
+                len: self.args.len(),
+                max: max_len,
+            });
+        }
+        if self.guest != GuestImage::BuiltIn {
+            return Ok(None);
+        }
+        let args = WorkloadArgs::parse(&self.args)
+            .map_err(|e| ConfigError::BadGuestArgs(e.to_string()))?;
+        let max = max_workload_pages(size);
+        if args.pages > max {
+            return Err(ConfigError::TooManyPages {
+                pages: args.pages,
+                max,
+                mem_size: size,
+            });
+        }
+        Ok(Some(args))
+    }
+}
+
+/// Parses a size such as `4096`, `64M`, `1G`, `2GiB` (binary units, case-insensitive).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match body.char_indices().last() {
+        Some((at, 'k')) => (&body[..at], 10),
+        Some((at, 'm')) => (&body[..at], 20),
+        Some((at, 'g')) => (&body[..at], 30),
+        Some((at, 't')) => (&body[..at], 40),
+        _ => (body, 0),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{trimmed}` is not a size (examples: 4096, 64M, 1G)"))?;
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{trimmed}` does not fit in 64 bits"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HostLimits = HostLimits {
+        kvm_max_vcpus: 255,
+        host_ram: 16 << 30,
+    };
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1t"), Ok(1 << 40));
+        assert_eq!(parse_size("8kb"), Ok(8192));
+        assert!(parse_size("12Q").unwrap_err().contains("is not a size"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("does not fit"));
+    }
+
+    #[test]
+    fn memory_checks_name_the_problem() {
+        let check = |mem_size| {
+            VmConfig {
+                mem_size,
+                ..VmConfig::default()
+            }
+            .validate(&LIMITS)
+        };
+        assert_eq!(check(0), Err(ConfigError::ZeroMemory));
+        assert_eq!(check(1000), Err(ConfigError::UnalignedMemory(1000)));
+        assert_eq!(
+            check(1 << 20),
+            Err(ConfigError::MemoryTooSmall {
+                size: 1 << 20,
+                min: MIN_RAM
+            })
+        );
+        assert_eq!(
+            check(32 << 30),
+            Err(ConfigError::MemoryTooLarge {
+                size: 32 << 30,
+                host: 16 << 30
+            })
+        );
+        assert_eq!(check(64 << 20), Ok(Some(WorkloadArgs::default())));
+    }
+
+    #[test]
+    fn vcpu_and_argument_checks() {
+        let config = |vcpus, args: &str| VmConfig {
+            vcpus,
+            args: args.into(),
+            ..VmConfig::default()
+        };
+        assert_eq!(config(0, "").validate(&LIMITS), Err(ConfigError::ZeroVcpus));
+        assert_eq!(
+            config(129, "").validate(&LIMITS),
+            Err(ConfigError::TooManyVcpus {
+                requested: 129,
+                max: 128,
+                kvm: 255,
+                abi: 128
+            })
+        );
+        let small_kvm = HostLimits {
+            kvm_max_vcpus: 8,
+            ..LIMITS
+        };
+        assert!(matches!(
+            config(9, "").validate(&small_kvm),
+            Err(ConfigError::TooManyVcpus { max: 8, .. })
+        ));
+        assert_eq!(
+            config(1, "color=red").validate(&LIMITS),
+            Err(ConfigError::BadGuestArgs(
+                "unknown guest argument `color` (known: pages, rounds, seed, write)".into()
+            ))
+        );
+        assert!(matches!(
+            config(1, "pages=1000000").validate(&LIMITS),
+            Err(ConfigError::TooManyPages {
+                pages: 1_000_000,
+                max: 15360,
+                ..
+            })
+        ));
+        let custom = VmConfig {
+            guest: GuestImage::File("x".into()),
+            ..config(1, "anything")
+        };
+        assert_eq!(custom.validate(&LIMITS), Ok(None));
+    }
+}
