@@ -35,6 +35,9 @@ pub struct OpenOptions {
     pub check_mode: bool,
     /// Flushes reach the disk (false = qemu's cache=unsafe).
     pub sync: bool,
+    /// Do not open the backing file (for info and check, like qemu-img): unallocated clusters then
+    /// read as zeros.
+    pub no_backing: bool,
 }
 
 impl Default for OpenOptions {
@@ -45,6 +48,7 @@ impl Default for OpenOptions {
             refcount_cache_bytes: 1 << 20,
             check_mode: false,
             sync: true,
+            no_backing: false,
         }
     }
 }
@@ -302,7 +306,7 @@ impl<S: Storage> Image<S> {
         }
         refcounts.set_protected(protected);
         let backing = match &header.backing_file {
-            Some(name) if !name.is_empty() => {
+            Some(name) if !name.is_empty() && !options.no_backing => {
                 let backing_path = resolve_backing_path(path.as_deref(), name);
                 Some(Box::new(open_backing(
                     &backing_path,
@@ -729,8 +733,23 @@ impl<S: Storage> Image<S> {
             }
             .map_err(|source| Error::WriteData { offset: at, source });
         }
-        let new_host = self.alloc_cluster()?;
-        let fresh = new_host >= self.high_water;
+        // A preallocated zero cluster that is ours alone is reused in place (filled with zeros
+        // around the new data); anything else gets a new cluster.
+        let reuse = match mapping {
+            Mapping::ZeroAlloc { host }
+                if entry & COPIED != 0
+                    && host < self.known_len
+                    && !self.refcounts.overlaps_protected(host) =>
+            {
+                Some(host)
+            }
+            _ => None,
+        };
+        let new_host = match reuse {
+            Some(host) => host,
+            None => self.alloc_cluster()?,
+        };
+        let fresh = reuse.is_none() && new_host >= self.high_water;
         self.high_water = self.high_water.max(new_host + self.cluster_size);
         let old_reads_zero = match mapping {
             Mapping::ZeroPlain | Mapping::ZeroAlloc { .. } => true,
@@ -790,7 +809,9 @@ impl<S: Storage> Image<S> {
         // Ordering: the entry publishing the new cluster sits in the cached L2 table, which is only
         // written after the refcount barrier that also makes this data durable.
         self.set_l2_entry(l2_offset, index, new_host | COPIED)?;
-        self.release(mapping);
+        if reuse.is_none() {
+            self.release(mapping);
+        }
         Ok(())
     }
 
@@ -809,6 +830,13 @@ impl<S: Storage> Image<S> {
 
     /// Makes `[offset, offset + len)` read as zeros, deallocating whole clusters where possible.
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes_with(offset, len, true)
+    }
+
+    /// Like [`Image::write_zeroes`]; with `may_unmap` false (qemu-io's `write -z` without `-u`),
+    /// whole clusters that are allocated and unshared keep their host cluster and only gain the
+    /// zero flag, as QEMU does.
+    pub fn write_zeroes_with(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len as usize)?;
         let mut guest = offset;
@@ -816,7 +844,7 @@ impl<S: Storage> Image<S> {
         while guest < end {
             let in_cluster = guest & (self.cluster_size - 1);
             let n = (self.cluster_size - in_cluster).min(end - guest);
-            if n == self.cluster_size && self.zero_whole_cluster(guest)? {
+            if n == self.cluster_size && self.zero_whole_cluster(guest, may_unmap)? {
                 // done by metadata
             } else {
                 let mapping = self.mapping(guest)?;
@@ -839,7 +867,14 @@ impl<S: Storage> Image<S> {
 
     /// Turns a whole guest cluster into zeros via its L2 entry; false if the format can't (v2 with a
     /// backing file).
-    fn zero_whole_cluster(&mut self, guest: u64) -> Result<bool> {
+    fn zero_whole_cluster(&mut self, guest: u64, may_unmap: bool) -> Result<bool> {
+        if !may_unmap && self.header.version >= 3 {
+            if let Mapping::Normal { host, copied: true } = self.mapping(guest)? {
+                let (l2_offset, index) = self.l2_for_write(guest)?;
+                self.set_l2_entry(l2_offset, index, host | COPIED | ZERO)?;
+                return Ok(true);
+            }
+        }
         let new_entry = if self.header.version >= 3 {
             ZERO
         } else if self.backing.is_none() {

@@ -168,10 +168,27 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qcow: {e:#}");
+            eprintln!("qcow: {}", describe(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error chain on one line, skipping causes whose text the message already contains (the
+/// library's messages include their cause).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 fn run(cli: Cli) -> Result<u8> {
@@ -558,9 +575,10 @@ fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
     if format != "qcow2" {
         bail!("{name}: unsupported format '{format}' (qcow2 or raw)");
     }
-    // Read-only, and without opening the backing chain's data: only names are reported.
+    // Read-only, and without opening the backing file: only its name is reported.
     let options = OpenOptions {
         read_only: true,
+        no_backing: true,
         ..OpenOptions::default()
     };
     let image = Image::open(path, &options).with_context(|| name.clone())?;
@@ -779,6 +797,7 @@ fn check(
     let options = OpenOptions {
         read_only: repair == Repair::None,
         check_mode: true,
+        no_backing: true,
         ..OpenOptions::default()
     };
     let report =
@@ -969,13 +988,13 @@ fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -
     let mut failed = false;
     for (command, text) in parsed.iter().zip(commands) {
         if let Err(e) = io_cmd::run(&mut disk, command) {
-            eprintln!("qcow: {name}: '{text}': {e:#}");
+            eprintln!("qcow: {name}: '{text}': {}", describe(&e));
             failed = true;
         }
     }
     if !read_only {
         if let Err(e) = disk.flush() {
-            eprintln!("qcow: {name}: flush failed: {e:#}");
+            eprintln!("qcow: {name}: flush failed: {}", describe(&e));
             failed = true;
         }
     }

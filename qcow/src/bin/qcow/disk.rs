@@ -91,9 +91,9 @@ impl Disk {
         }
     }
 
-    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         match self {
-            Disk::Qcow(image) => Ok(image.write_zeroes(offset, len)?),
+            Disk::Qcow(image) => Ok(image.write_zeroes_with(offset, len, may_unmap)?),
             Disk::Raw { .. } => self.write_at(&vec![0u8; len as usize], offset),
         }
     }

@@ -19,6 +19,7 @@ pub enum Command {
     Write {
         pattern: u8,
         zero: bool,
+        unmap: bool,
         offset: u64,
         len: u64,
         quiet: bool,
@@ -51,6 +52,7 @@ pub fn parse(line: &str) -> Result<Command> {
     };
     let mut pattern = None;
     let mut zero = false;
+    let mut unmap = false;
     let mut quiet = false;
     let mut positional = Vec::new();
     let mut args = rest.iter();
@@ -64,7 +66,8 @@ pub fn parse(line: &str) -> Result<Command> {
             }
             "-z" if name == "write" => zero = true,
             "-q" => quiet = true,
-            "-u" | "-v" | "-C" | "-f" | "-w" => {}
+            "-u" if name == "write" => unmap = true,
+            "-v" | "-C" | "-f" | "-w" => {}
             _ if arg.starts_with('-')
                 && arg.len() > 1
                 && !arg[1..].starts_with(|c: char| c.is_ascii_digit()) =>
@@ -96,9 +99,13 @@ pub fn parse(line: &str) -> Result<Command> {
             if zero && pattern.is_some() {
                 bail!("write: -P and -z cannot be specified at the same time");
             }
+            if unmap && !zero {
+                bail!("write: -u requires -z");
+            }
             Command::Write {
                 pattern: pattern.unwrap_or(0xcd),
                 zero,
+                unmap,
                 offset,
                 len,
                 quiet,
@@ -166,12 +173,14 @@ pub fn run(disk: &mut Disk, command: &Command) -> Result<()> {
         Command::Write {
             pattern,
             zero,
+            unmap,
             offset,
             len,
             quiet,
         } => {
             if zero {
-                disk.write_zeroes(offset, len).context("write failed")?;
+                disk.write_zeroes(offset, len, unmap)
+                    .context("write failed")?;
             } else {
                 disk.write_at(&vec![pattern; len as usize], offset)
                     .context("write failed")?;
@@ -202,6 +211,7 @@ mod tests {
             Command::Write {
                 pattern: 0xab,
                 zero: false,
+                unmap: false,
                 offset: 0,
                 len: 4096,
                 quiet: false
@@ -212,6 +222,7 @@ mod tests {
             Command::Write {
                 pattern: 0xcd,
                 zero: true,
+                unmap: false,
                 offset: 1 << 20,
                 len: 65536,
                 quiet: false
