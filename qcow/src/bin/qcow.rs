@@ -713,8 +713,50 @@ fn print_human_info(info: &ImageInfo) {
     }
 }
 
+/// Refuses a backing chain that loops back on itself. Missing backing files are not an error
+/// here: like qemu-img, `info` reports the image without opening its backing file.
+fn refuse_backing_loop(file: &Path) -> Result<()> {
+    let mut seen = Vec::new();
+    let mut current = file.to_path_buf();
+    for _ in 0..=lib::image::MAX_BACKING_DEPTH {
+        let Ok(canonical) = std::fs::canonicalize(&current) else {
+            return Ok(());
+        };
+        if seen.contains(&canonical) {
+            bail!(
+                "{}: backing file chain contains a loop at {}",
+                file.display(),
+                current.display()
+            );
+        }
+        seen.push(canonical);
+        let options = OpenOptions {
+            read_only: true,
+            no_backing: true,
+            ..OpenOptions::default()
+        };
+        let Ok(image) = Image::open(&current, &options) else {
+            return Ok(());
+        };
+        match image.header().backing_file.as_deref() {
+            Some(name) if !name.is_empty() => {
+                current = lib::image::resolve_backing_path(Some(&current), name);
+            }
+            _ => return Ok(()),
+        }
+    }
+    bail!(
+        "{}: backing chain is deeper than {} images",
+        file.display(),
+        lib::image::MAX_BACKING_DEPTH
+    )
+}
+
 fn info(format: Option<&str>, output: Output, backing_chain: bool, file: &Path) -> Result<u8> {
     let mut chain = vec![image_info(file, format)?];
+    if chain[0].format == "qcow2" {
+        refuse_backing_loop(file)?;
+    }
     if backing_chain {
         while let Some(full) = chain.last().and_then(|i| i.full_backing_filename.clone()) {
             if chain.len() > lib::image::MAX_BACKING_DEPTH {
