@@ -91,6 +91,9 @@ struct Config {
     refcount_bits: u32,
     size: u64,
     backing: bool,
+    /// Start from an image with data and an internal snapshot made by `qemu-img snapshot -c`, so
+    /// writes copy shared L2 tables and data clusters.
+    snapshot: bool,
     ops: usize,
     /// Crash images per crash point.
     variants: usize,
@@ -143,7 +146,27 @@ fn run_workload(config: &Config, dir: &Path, rng: &mut fastrand::Rng) -> Workloa
         create.backing_format = Some("qcow2".into());
     }
     let mut base = MemStorage::default();
-    qcow::create_on(&mut base, &create).unwrap();
+    if config.snapshot {
+        let file = dir.join("snap.qcow2");
+        qcow::create(&file, &create).unwrap();
+        let mut image = Image::open(&file, &OpenOptions::default()).unwrap();
+        for (i, chunk) in model.chunks_mut(3000).enumerate() {
+            if i % 4 != 3 {
+                chunk.fill(rng.u8(1..));
+            }
+        }
+        image.write_at(&model, 0).unwrap();
+        image.flush().unwrap();
+        drop(image);
+        let out = Command::new("qemu-img")
+            .args(["snapshot", "-c", "before", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-img snapshot -c failed");
+        base.data = std::fs::read(&file).unwrap();
+    } else {
+        qcow::create_on(&mut base, &create).unwrap();
+    }
     let log = Arc::new(Mutex::new(Vec::new()));
     let storage = Recording {
         mem: base.clone(),
@@ -360,6 +383,10 @@ fn verify(
 }
 
 fn run(name: &str, config: Config) {
+    if config.snapshot && !have_qemu_img() {
+        println!("SKIP {name}: qemu-img is not installed (needed to make the snapshot)");
+        return;
+    }
     let seed = std::env::var("QCOW_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -410,7 +437,8 @@ fn crash_with_small_clusters_and_cache_evictions() {
             refcount_bits: 16,
             size: 256 * 1024,
             backing: false,
-            ops: 120,
+            snapshot: false,
+            ops: 250,
             variants: 3,
             qemu_samples: 12,
         },
@@ -426,7 +454,8 @@ fn crash_with_64bit_refcounts_growing_the_table() {
             refcount_bits: 64,
             size: 512 * 1024,
             backing: false,
-            ops: 100,
+            snapshot: false,
+            ops: 200,
             variants: 2,
             qemu_samples: 8,
         },
@@ -442,7 +471,25 @@ fn crash_on_an_overlay_with_copy_on_write_from_backing() {
             refcount_bits: 16,
             size: 1 << 20,
             backing: true,
-            ops: 100,
+            snapshot: false,
+            ops: 200,
+            variants: 3,
+            qemu_samples: 10,
+        },
+    );
+}
+
+#[test]
+fn crash_while_copying_clusters_shared_with_an_internal_snapshot() {
+    run(
+        "c4k-snapshot",
+        Config {
+            cluster_size: 4096,
+            refcount_bits: 16,
+            size: 512 * 1024,
+            backing: false,
+            snapshot: true,
+            ops: 250,
             variants: 3,
             qemu_samples: 10,
         },

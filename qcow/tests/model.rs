@@ -33,6 +33,8 @@ struct Config {
     /// Backing file shorter than the image (tests zeros past its end).
     base_size: u64,
     ops: usize,
+    /// Minimal L2 and refcount caches, so that evictions happen all the time.
+    tiny_cache: bool,
 }
 
 fn have_qemu_img() -> bool {
@@ -184,7 +186,16 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
         return;
     };
     let backing_model = model.clone();
-    let mut image = Image::open(&path, &OpenOptions::default()).unwrap();
+    let open_options = if config.tiny_cache {
+        OpenOptions {
+            l2_cache_bytes: 0,
+            refcount_cache_bytes: 0,
+            ..OpenOptions::default()
+        }
+    } else {
+        OpenOptions::default()
+    };
+    let mut image = Image::open(&path, &open_options).unwrap();
     let size = config.size;
     let cluster = config.cluster_size;
     // Concentrate on a hot region so operations overlap, with occasional far-away ones.
@@ -265,7 +276,7 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
             _ => {
                 image.flush().unwrap();
                 drop(image);
-                image = Image::open(&path, &OpenOptions::default())
+                image = Image::open(&path, &open_options)
                     .unwrap_or_else(|e| panic!("{}: {e}", context("reopen")));
             }
         }
@@ -364,6 +375,7 @@ fn v3_64k_clusters_16bit_no_backing() {
             base: BaseKind::None,
             base_size: 0,
             ops: 2500,
+            tiny_cache: false,
         },
     );
 }
@@ -380,6 +392,7 @@ fn v3_512b_clusters_64bit_refcounts_grow_the_refcount_table() {
             base: BaseKind::None,
             base_size: 0,
             ops: 2500,
+            tiny_cache: false,
         },
     );
 }
@@ -396,6 +409,7 @@ fn v3_4k_clusters_4bit_qcow_backing() {
             base: BaseKind::Qcow,
             base_size: 3 * MIB,
             ops: 2500,
+            tiny_cache: false,
         },
     );
 }
@@ -412,6 +426,7 @@ fn v3_2m_clusters_8bit_raw_backing() {
             base: BaseKind::Raw,
             base_size: 7 * MIB,
             ops: 400,
+            tiny_cache: false,
         },
     );
 }
@@ -428,6 +443,7 @@ fn v2_8k_clusters_qcow_backing() {
             base: BaseKind::Qcow,
             base_size: 2 * MIB,
             ops: 2500,
+            tiny_cache: false,
         },
     );
 }
@@ -444,6 +460,7 @@ fn v3_16k_clusters_1bit_refcounts() {
             base: BaseKind::None,
             base_size: 0,
             ops: 2500,
+            tiny_cache: false,
         },
     );
 }
@@ -460,6 +477,7 @@ fn compressed_image_made_by_qemu_img() {
             base: BaseKind::Compressed,
             base_size: 0,
             ops: 1500,
+            tiny_cache: false,
         },
     );
 }
@@ -476,6 +494,24 @@ fn image_with_internal_snapshot_made_by_qemu_img() {
             base: BaseKind::Snapshot,
             base_size: 0,
             ops: 1500,
+            tiny_cache: false,
+        },
+    );
+}
+
+#[test]
+fn v3_1k_clusters_tiny_caches_qcow_backing() {
+    run(
+        "v3-1k-tiny-qcow",
+        Config {
+            cluster_size: 1024,
+            refcount_bits: 16,
+            version: 3,
+            size: 2 * MIB,
+            base: BaseKind::Qcow,
+            base_size: 2 * MIB - 4096,
+            ops: 2500,
+            tiny_cache: true,
         },
     );
 }
