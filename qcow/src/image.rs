@@ -133,6 +133,8 @@ pub struct Image<S: Storage = FileStorage> {
     scratch: AlignedBuf,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) snapshot_table_len: u64,
+    /// Cached result of [`Image::metadata_preallocated`]; reset by allocations.
+    metadata_preallocated: Option<bool>,
 }
 
 impl Image<FileStorage> {
@@ -339,6 +341,7 @@ impl<S: Storage> Image<S> {
             scratch: AlignedBuf::default(),
             snapshots,
             snapshot_table_len,
+            metadata_preallocated: None,
         };
         if !read_only && !options.check_mode {
             if image.header.incompatible_features & INCOMPAT_DIRTY != 0 {
@@ -391,6 +394,16 @@ impl<S: Storage> Image<S> {
 
     pub fn lazy_refcounts(&self) -> bool {
         self.header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Data-or-hole state of the host file at `host` (see [`Storage::extent_at`]).
+    pub fn host_extent(&mut self, host: u64, len: u64) -> Result<(bool, u64)> {
+        self.file
+            .extent_at(host, len)
+            .map_err(|source| Error::ReadData {
+                offset: host,
+                source,
+            })
     }
 
     /// Bytes the image file occupies on the host.
@@ -684,7 +697,33 @@ impl<S: Storage> Image<S> {
         });
     }
 
+    /// QEMU's heuristic for "this image was preallocated with metadata": the file occupies clearly
+    /// fewer clusters on the host than the refcounts claim. Only then does `qemu-img map` look
+    /// through data clusters at the file's holes, so `map` does the same.
+    pub fn metadata_preallocated(&mut self) -> Result<bool> {
+        if let Some(known) = self.metadata_preallocated {
+            return Ok(known);
+        }
+        let file_len = self.file.len().map_err(Error::ReadHeader)?;
+        let Some(real_allocation) = self.file.allocated_size() else {
+            return Ok(false);
+        };
+        let real_clusters = real_allocation / self.cluster_size;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = file_len.div_ceil(self.cluster_size);
+        let mut used = 0;
+        let mut cluster = 0;
+        while cluster < end_cluster && used < threshold {
+            used += u64::from(self.refcounts.get(&mut self.file, cluster)? != 0);
+            cluster += 1;
+        }
+        let preallocated = used >= threshold;
+        self.metadata_preallocated = Some(preallocated);
+        Ok(preallocated)
+    }
+
     fn alloc_cluster(&mut self) -> Result<u64> {
+        self.metadata_preallocated = None;
         let offset = self.refcounts.alloc(&mut self.file, 1)?;
         self.alloc_end = self.alloc_end.max(offset + self.cluster_size);
         Ok(offset)

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::{Backing, Image};
 use crate::l2::Mapping;
 use crate::raw::Storage;
@@ -68,7 +68,17 @@ fn status<S: Storage>(
     };
     Ok(match image.mapping(offset)? {
         Mapping::Normal { host, .. } => {
-            entry(true, false, true, false, Some(host + in_cluster), file)
+            // Like qemu-img, look through to the file's holes only in a metadata-preallocated image.
+            let host = host + in_cluster;
+            let (is_data, run) = if image.metadata_preallocated()? {
+                image.host_extent(host, length)?
+            } else {
+                (true, length)
+            };
+            MapEntry {
+                length: run.max(1),
+                ..entry(true, !is_data, true, false, Some(host), file)
+            }
         }
         Mapping::ZeroPlain => entry(true, true, false, false, None, None),
         Mapping::ZeroAlloc { host } => {
@@ -84,42 +94,35 @@ fn status<S: Storage>(
                         Backing::Qcow { image: lower, .. } => {
                             status(lower, offset, len, depth + 1)?
                         }
-                        Backing::Raw { path, .. } => MapEntry {
-                            start: 0,
-                            length: len,
-                            depth: depth + 1,
-                            present: true,
-                            zero: false,
-                            data: true,
-                            compressed: false,
-                            offset: Some(offset),
-                            file: Some(path.clone()),
-                        },
+                        Backing::Raw { file, path, .. } => {
+                            let (is_data, run) =
+                                file.extent_at(offset, len).map_err(Error::ReadBacking)?;
+                            MapEntry {
+                                start: 0,
+                                length: run.max(1),
+                                depth: depth + 1,
+                                present: true,
+                                zero: !is_data,
+                                data: is_data,
+                                compressed: false,
+                                offset: Some(offset),
+                                file: Some(path.clone()),
+                            }
+                        }
                     }
                 }
-                (Some(backing), _) => {
-                    let bottom = depth + 1 + chain_depth_below(backing);
-                    MapEntry {
-                        depth: bottom,
-                        ..entry(false, true, false, false, None, None)
-                    }
-                }
+                // Past the end of the backing file qemu-img reports this layer.
+                (Some(_), _) => entry(false, true, false, false, None, None),
                 (None, _) => entry(false, true, false, false, None, None),
             }
         }
     })
 }
 
-/// Number of images below `backing` in the chain.
-fn chain_depth_below(backing: &Backing) -> u32 {
-    match backing {
-        Backing::Raw { .. } => 0,
-        Backing::Qcow { image, .. } => image.backing().map_or(0, |b| 1 + chain_depth_below(b)),
-    }
-}
-
 /// The merged map of the whole virtual disk.
 pub fn map<S: Storage>(image: &mut Image<S>) -> Result<Vec<MapEntry>> {
+    // The file must cover every allocated cluster before holes are looked at.
+    image.flush()?;
     let size = image.size();
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut offset = 0;

@@ -22,6 +22,13 @@ pub trait Storage: Send {
     fn allocated_size(&mut self) -> Option<u64> {
         None
     }
+    /// Whether the bytes at `offset` are data (`true`) or a hole that reads as zeros, and how many
+    /// bytes (at most `len`, at least 1 when `len > 0`) share that state — SEEK_DATA/SEEK_HOLE, used
+    /// by `map` exactly as qemu-img does. The default says "all data".
+    fn extent_at(&mut self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((true, len))
+    }
 }
 
 /// A [`Storage`] over a regular file. `sync` makes `flush` call `fdatasync` (the default); without it
@@ -89,6 +96,22 @@ impl Storage for FileStorage {
     fn allocated_size(&mut self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn extent_at(&mut self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        use rustix::fs::{seek, SeekFrom};
+        // Only pread/pwrite are used on this file, so moving its offset is harmless.
+        match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(data) if data == offset => {
+                let hole = seek(&self.file, SeekFrom::Hole(offset))?;
+                Ok((true, hole.saturating_sub(offset).clamp(1, len.max(1))))
+            }
+            Ok(data) => Ok((false, (data - offset).min(len))),
+            // Past the last data: a hole up to (and beyond) the end of the file.
+            Err(rustix::io::Errno::NXIO) => Ok((false, len)),
+            // No SEEK_DATA support: report data, as qemu does.
+            Err(_) => Ok((true, len)),
+        }
     }
 }
 

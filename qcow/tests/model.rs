@@ -288,6 +288,7 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
         whole == model,
         "{name} seed {seed}: final full read differs from the model"
     );
+    let map = qcow::map(&mut image).unwrap();
     let report = qcow::check(&mut image, Repair::None).unwrap();
     assert!(
         report.is_clean(),
@@ -301,6 +302,25 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
             ok && text.contains("No errors were found"),
             "{name} seed {seed}: qemu-img check: {text}"
         );
+        let (ok, text) = qemu_img(&["map", "--output=json", path.to_str().unwrap()]);
+        assert!(ok, "{name} seed {seed}: qemu-img map: {text}");
+        let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let ours = serde_json::to_value(&map).unwrap();
+        if ours != theirs {
+            let (ours, theirs) = (ours.as_array().unwrap(), theirs.as_array().unwrap());
+            let at = ours
+                .iter()
+                .zip(theirs)
+                .position(|(a, b)| a != b)
+                .unwrap_or(ours.len().min(theirs.len()));
+            panic!(
+                "{name} seed {seed}: map differs from qemu-img map at entry {at} ({} vs {} entries):\nours:   {:?}\nqemu's: {:?}",
+                ours.len(),
+                theirs.len(),
+                ours.get(at),
+                theirs.get(at)
+            );
+        }
         let raw = dir.join("model.raw");
         std::fs::write(&raw, &model).unwrap();
         let (ok, text) = qemu_img(&[

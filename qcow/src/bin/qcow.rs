@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use bench::BenchOptions;
 use disk::{probe, Disk};
-use lib::{CheckReport, CreateOptions, Image, OpenOptions, Repair};
+use lib::{CheckReport, CreateOptions, Image, OpenOptions, Repair, Storage};
 use qcow as lib;
 
 #[derive(Parser, Debug)]
@@ -942,20 +942,32 @@ fn map(format: Option<&str>, output: Output, file: &Path) -> Result<u8> {
         None => probe(file)?,
     };
     let entries = if format == "raw" {
-        let size = std::fs::metadata(file)
-            .with_context(|| format!("cannot open {name}"))?
-            .len();
-        vec![lib::MapEntry {
-            start: 0,
-            length: size,
-            depth: 0,
-            present: true,
-            zero: false,
-            data: true,
-            compressed: false,
-            offset: Some(0),
-            file: Some(file.to_path_buf()),
-        }]
+        let handle = std::fs::File::open(file).with_context(|| format!("cannot open {name}"))?;
+        let mut storage = lib::FileStorage::new(handle);
+        let size = storage
+            .len()
+            .with_context(|| format!("cannot read {name}"))?;
+        let mut entries: Vec<lib::MapEntry> = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let (is_data, run) = storage
+                .extent_at(offset, size - offset)
+                .with_context(|| format!("cannot read {name}"))?;
+            let entry = lib::MapEntry {
+                start: offset,
+                length: run.max(1),
+                depth: 0,
+                present: true,
+                zero: !is_data,
+                data: is_data,
+                compressed: false,
+                offset: Some(offset),
+                file: Some(file.to_path_buf()),
+            };
+            offset += entry.length;
+            entries.push(entry);
+        }
+        entries
     } else {
         let options = OpenOptions {
             read_only: true,
