@@ -150,7 +150,15 @@ pub fn backing_size(image_path: &Path, options: &CreateOptions) -> Result<u64> {
 
 /// Creates a qcow2 image file at `path` (truncating an existing file).
 pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
-    if let Some(name) = &options.backing_file {
+    create_with(path, options, true)
+}
+
+/// Like [`create`]; with `check_backing` false the backing file is recorded without being opened
+/// (qemu-img's `create -u`).
+pub fn create_with(path: &Path, options: &CreateOptions, check_backing: bool) -> Result<()> {
+    // Refuse bad options before touching the file.
+    options.validate()?;
+    if let (Some(name), true) = (&options.backing_file, check_backing) {
         // The backing file must open (QEMU checks it too); its size is the default virtual size.
         let backing_path = resolve_backing_path(Some(path), name);
         open_backing(&backing_path, options.backing_format.as_deref(), 0)?;

@@ -358,24 +358,8 @@ fn create(
         }
         None => bail!("{name}: image size must be given"),
     };
-    if unsafe_backing {
-        let backing = create_options.backing_file.take();
-        lib::create(file, &create_options).with_context(|| format!("{name}"))?;
-        if let Some(backing) = backing {
-            // -u: record the name without opening the backing file.
-            let mut opts = create_options.clone();
-            opts.backing_file = Some(backing);
-            let storage = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .truncate(true)
-                .open(file)?;
-            let mut storage = lib::FileStorage::new(storage);
-            lib::create_on(&mut storage, &opts).with_context(|| format!("{name}"))?;
-        }
-    } else {
-        lib::create(file, &create_options).with_context(|| format!("{name}"))?;
-    }
+    lib::create::create_with(file, &create_options, !unsafe_backing)
+        .with_context(|| format!("{name}"))?;
     if !quiet {
         let mut banner = format!(
             "Formatting '{name}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}",
