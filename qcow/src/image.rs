@@ -123,8 +123,6 @@ pub struct Image<S: Storage = FileStorage> {
     pub(crate) backing: Option<Box<Backing>>,
     /// Host ranges whose refcount drops once the tables that stopped referencing them are durable.
     pending_frees: Vec<(u64, u64)>,
-    /// Host clusters at or past this offset have never been written since open and read as zero.
-    high_water: u64,
     /// End of the highest cluster allocated since open.
     alloc_end: u64,
     /// Known file length (at least).
@@ -319,7 +317,6 @@ impl<S: Storage> Image<S> {
             _ => None,
         };
         let l2_tables = (options.l2_cache_bytes / cluster_size).max(4) as usize;
-        let high_water = file_len.div_ceil(cluster_size) * cluster_size;
         let mut image = Image {
             file,
             cluster_bits: header.cluster_bits,
@@ -334,7 +331,6 @@ impl<S: Storage> Image<S> {
             refcounts,
             backing,
             pending_frees: Vec::new(),
-            high_water,
             alloc_end: 0,
             known_len: file_len,
             decompressed: None,
@@ -788,8 +784,14 @@ impl<S: Storage> Image<S> {
             Some(host) => host,
             None => self.alloc_cluster()?,
         };
-        let fresh = reuse.is_none() && new_host >= self.high_water;
-        self.high_water = self.high_water.max(new_host + self.cluster_size);
+        // Every write extends the file, so a cluster starting at or past its end has never been
+        // written and reads as zeros (a freed and reused cluster is always below the end).
+        let fresh = reuse.is_none()
+            && new_host
+                >= self.file.len().map_err(|source| Error::WriteData {
+                    offset: new_host,
+                    source,
+                })?;
         let old_reads_zero = match mapping {
             Mapping::ZeroPlain | Mapping::ZeroAlloc { .. } => true,
             Mapping::Unallocated => self
@@ -1047,7 +1049,6 @@ impl<S: Storage> Image<S> {
             let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
             if entry == 0 {
                 let host = self.alloc_cluster()?;
-                self.high_water = self.high_water.max(host + self.cluster_size);
                 self.set_l2_entry(l2_offset, index, host | COPIED)?;
             }
             guest += self.cluster_size;
