@@ -672,3 +672,23 @@ pub fn assert_info_agrees(image: &Path, context: &str) {
         qemu_out.stdout
     );
 }
+
+/// The whole virtual disk of `image` read through the qcow library (`Image::open` + `read_at` in
+/// 1 MiB pieces), following its backing chain.
+pub fn library_read_all(image: &Path) -> Vec<u8> {
+    let options = qcow::OpenOptions {
+        read_only: true,
+        ..qcow::OpenOptions::default()
+    };
+    let mut opened = qcow::Image::open(image, &options)
+        .unwrap_or_else(|err| panic!("qcow library cannot open {}: {err}", image.display()));
+    let size = opened.size();
+    let mut bytes = vec![0u8; size as usize];
+    for (index, chunk) in bytes.chunks_mut(1 << 20).enumerate() {
+        let offset = index as u64 * (1 << 20);
+        opened
+            .read_at(chunk, offset)
+            .unwrap_or_else(|err| panic!("qcow library read at {offset} failed: {err}"));
+    }
+    bytes
+}

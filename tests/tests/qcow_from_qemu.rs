@@ -1,12 +1,13 @@
-//! qemu-img → qcow: images made by qemu-img/qemu-io read back by `qcow` byte for byte as
+//! qemu-img → qcow: images made by qemu-img/qemu-io read back by `qcow` (the library's
+//! `Image::read_at` over the whole disk, and the CLI's `io -c "read -P"`) byte for byte as
 //! `qemu-img convert -O raw` sees them, with the same map, a clean check and the same info.
 
 use std::path::{Path, PathBuf};
 
 use cowvm_tests::qcow_harness::{
     assert_info_agrees, assert_maps_agree, assert_qcow_check_clean, assert_qcow_reads, full_matrix,
-    qemu_img, qemu_io, qemu_raw_bytes, random_ops, skip_without_qemu, DiskModel, DiskOp, ImageSpec,
-    Rng,
+    library_read_all, qemu_img, qemu_io, qemu_raw_bytes, random_ops, skip_without_qemu, DiskModel,
+    DiskOp, ImageSpec, Rng,
 };
 
 const KIB: u64 = 1024;
@@ -54,6 +55,16 @@ fn verify(image: &Path, model: &DiskModel, context: &str) {
     if let Some(at) = model.first_difference(&raw) {
         panic!(
             "{context}: harness model disagrees with qemu-img convert at byte {at} (a test bug, not a qcow bug)"
+        );
+    }
+    let through_library = library_read_all(image);
+    if let Some(at) = model.first_difference(&through_library) {
+        panic!(
+            "{context}: the qcow library reads byte {at} as {:?}, qemu-img convert as {:?} (sizes {} and {})",
+            through_library.get(at),
+            raw.get(at),
+            through_library.len(),
+            raw.len()
         );
     }
     assert_qcow_reads(image, model, context);
