@@ -261,3 +261,65 @@ pub fn create_raw(path: &Path, size: u64) -> Result<()> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raw::MemStorage;
+
+    #[test]
+    fn default_layout_matches_qemu_img() {
+        let mut storage = MemStorage::default();
+        let options = CreateOptions {
+            size: 4 << 20,
+            ..CreateOptions::default()
+        };
+        create_on(&mut storage, &options).unwrap();
+        let header = Header::parse(&storage.data).unwrap();
+        assert_eq!(header.refcount_table_offset, 0x10000);
+        assert_eq!(header.l1_table_offset, 0x30000);
+        assert_eq!(header.l1_size, 1);
+        assert_eq!(header.header_length, 112);
+        assert_eq!(storage.data.len(), 4 * 0x10000);
+        // Refcount block at cluster 2 counts clusters 0..=3.
+        let block = &storage.data[0x20000..0x20010];
+        assert_eq!(block, &[0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn small_clusters_and_wide_refcounts_need_several_blocks() {
+        let mut storage = MemStorage::default();
+        let options = CreateOptions {
+            size: 64 << 20,
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..CreateOptions::default()
+        };
+        create_on(&mut storage, &options).unwrap();
+        let header = Header::parse(&storage.data).unwrap();
+        // 64 MiB / 32 KiB per L2 = 2048 L1 entries = 32 clusters; 64 refcounts per block.
+        assert_eq!(header.l1_size, 2048);
+        let mut image = Image::open_storage(storage, None, &OpenOptions::default()).unwrap();
+        let report = crate::check(&mut image, crate::Repair::None).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
+
+    #[test]
+    fn rejects_bad_options() {
+        let mut options = CreateOptions {
+            size: 1 << 20,
+            ..CreateOptions::default()
+        };
+        assert!(options.set("cluster_size", "3000").is_ok());
+        assert!(options.validate().is_err());
+        let mut options = CreateOptions {
+            size: 1 << 20,
+            ..CreateOptions::default()
+        };
+        options.set("compat", "0.10").unwrap();
+        options.set("refcount_bits", "8").unwrap();
+        assert!(options.validate().is_err());
+        assert!(options.set("preallocation", "full").is_err());
+        assert!(options.set("nonsense", "1").is_err());
+    }
+}

@@ -1111,3 +1111,96 @@ fn unzstd(input: &[u8], output: &mut [u8]) -> std::result::Result<(), String> {
         ruzstd::decoding::StreamingDecoder::new(&mut source).map_err(|e| e.to_string())?;
     decoder.read_exact(output).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{create_on, CreateOptions};
+    use crate::raw::MemStorage;
+
+    fn new_image(cluster_size: u64) -> Image<MemStorage> {
+        let mut storage = MemStorage::default();
+        let options = CreateOptions {
+            size: 1 << 20,
+            cluster_size,
+            ..CreateOptions::default()
+        };
+        create_on(&mut storage, &options).unwrap();
+        Image::open_storage(storage, None, &OpenOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn unaligned_write_spanning_clusters_reads_back() {
+        let mut image = new_image(4096);
+        let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
+        image.write_at(&data, 3000).unwrap();
+        let mut buf = vec![0xffu8; 16000];
+        image.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..3000].iter().all(|&b| b == 0));
+        assert_eq!(&buf[3000..13000], &data[..]);
+        assert!(buf[13000..].iter().all(|&b| b == 0));
+        assert_eq!(image.mapping(0).unwrap(), image.mapping(100).unwrap());
+        assert!(matches!(
+            image.mapping(0).unwrap(),
+            Mapping::Normal { copied: true, .. }
+        ));
+    }
+
+    #[test]
+    fn zeroes_and_discard_use_the_zero_flag_on_v3() {
+        let mut image = new_image(4096);
+        image.write_at(&[7u8; 8192], 0).unwrap();
+        image.write_zeroes(0, 4096).unwrap();
+        assert_eq!(image.mapping(0).unwrap(), Mapping::ZeroPlain);
+        image.write_zeroes_with(4096, 4096, false).unwrap();
+        assert!(matches!(
+            image.mapping(4096).unwrap(),
+            Mapping::ZeroAlloc { .. }
+        ));
+        image.discard(4096, 4096).unwrap();
+        assert_eq!(image.mapping(4096).unwrap(), Mapping::ZeroPlain);
+        let mut buf = [1u8; 8192];
+        image.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0u8; 8192]);
+    }
+
+    #[test]
+    fn freed_clusters_are_reused_after_a_flush() {
+        let mut image = new_image(4096);
+        image.write_at(&[1u8; 4096], 0).unwrap();
+        let Mapping::Normal { host: first, .. } = image.mapping(0).unwrap() else {
+            panic!("not allocated");
+        };
+        image.discard(0, 4096).unwrap();
+        image.flush().unwrap();
+        image.write_at(&[2u8; 4096], 8192).unwrap();
+        assert_eq!(
+            image.mapping(8192).unwrap(),
+            Mapping::Normal {
+                host: first,
+                copied: true
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_bounds_and_read_only_are_refused() {
+        let mut image = new_image(65536);
+        assert!(matches!(
+            image.write_at(&[0], 1 << 20),
+            Err(Error::OutOfBounds { .. })
+        ));
+        let mut buf = [0u8; 2];
+        assert!(matches!(
+            image.read_at(&mut buf, (1 << 20) - 1),
+            Err(Error::OutOfBounds { .. })
+        ));
+        let storage = image.storage_mut().clone();
+        let options = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let mut image = Image::open_storage(storage, None, &options).unwrap();
+        assert!(matches!(image.write_at(&[0], 0), Err(Error::ReadOnly)));
+    }
+}

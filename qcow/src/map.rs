@@ -137,3 +137,39 @@ pub fn map<S: Storage>(image: &mut Image<S>) -> Result<Vec<MapEntry>> {
     }
     Ok(entries)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{create_on, CreateOptions};
+    use crate::image::OpenOptions;
+    use crate::raw::MemStorage;
+
+    #[test]
+    fn merges_contiguous_extents() {
+        let mut storage = MemStorage::default();
+        let options = CreateOptions {
+            size: 1 << 20,
+            cluster_size: 4096,
+            ..CreateOptions::default()
+        };
+        create_on(&mut storage, &options).unwrap();
+        let mut image = Image::open_storage(storage, None, &OpenOptions::default()).unwrap();
+        image.write_at(&[1u8; 8192], 0).unwrap();
+        image.write_zeroes(8192, 4096).unwrap();
+        let entries = map(&mut image).unwrap();
+        let summary: Vec<_> = entries
+            .iter()
+            .map(|e| (e.start, e.length, e.data, e.zero, e.present))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, 8192, true, false, true),
+                (8192, 4096, false, true, true),
+                (12288, (1 << 20) - 12288, false, true, false),
+            ]
+        );
+        assert_eq!(entries[0].offset.map(|o| o % 4096), Some(0));
+    }
+}
