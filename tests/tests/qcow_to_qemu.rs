@@ -479,3 +479,169 @@ fn qcow_writes_over_compressed_clusters() {
         judge(&image, &model, &context);
     }
 }
+
+/// Writes through the library with caches of two tables each, so every few operations evict L2
+/// tables and refcount blocks (the write-back ordering paths); 512 B clusters with 64-bit
+/// refcounts also make the refcount table grow several times.
+#[test]
+fn library_writes_with_tiny_caches_pass_qemu_img_check() {
+    if skip_without_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (index, spec) in [
+        ImageSpec::new(512, 64, "1.1"),
+        ImageSpec::new(4 * KIB, 16, "0.10"),
+        ImageSpec::new(64 * KIB, 2, "1.1"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 0x71_4e00 + index as u64;
+        let context = format!("library, tiny caches, {} seed {seed:#x}", spec.label());
+        let size = 6 * MIB + 512;
+        let image = qcow_create(
+            dir.path(),
+            &format!("tiny-{}.qcow2", spec.label()),
+            spec,
+            Some(&size.to_string()),
+            None,
+        );
+        let mut model = DiskModel::zeroed(size);
+        let mut rng = Rng::new(seed);
+        let ops = random_ops(&mut rng, 150, size, spec.cluster_size, 96 * KIB, true, true);
+        for session in ops.chunks(50) {
+            let options = qcow::OpenOptions {
+                l2_cache_bytes: 2 * spec.cluster_size,
+                refcount_cache_bytes: 2 * spec.cluster_size,
+                ..qcow::OpenOptions::default()
+            };
+            let mut opened = qcow::Image::open(&image, &options)
+                .unwrap_or_else(|err| panic!("{context}: open: {err}"));
+            for op in session {
+                let result = match *op {
+                    DiskOp::Write {
+                        offset,
+                        len,
+                        pattern,
+                    } => opened.write_at(&vec![pattern; len as usize], offset),
+                    DiskOp::Zero { offset, len } => opened.write_zeroes(offset, len),
+                    DiskOp::Discard { offset, len } => opened.discard(offset, len),
+                };
+                result.unwrap_or_else(|err| panic!("{context}: {op:?}: {err}"));
+                model.apply(op);
+            }
+            opened
+                .flush()
+                .unwrap_or_else(|err| panic!("{context}: flush: {err}"));
+        }
+        judge(&image, &model, &context);
+    }
+}
+
+/// A lazy-refcounts image left dirty by a crashed qemu (qemu-io's `abort`): qcow must read it
+/// right, repair it before its first write (as qemu does on a read-write open), keep
+/// lazy_refcounts on, and leave an image qemu-img finds clean; `qcow check -r all` repairs it too.
+#[test]
+fn dirty_image_from_a_crashed_qemu_is_repaired() {
+    if skip_without_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let size = 4 * MIB;
+    let dirty = dir.path().join("dirty.qcow2");
+    qemu_img(&[
+        "create".to_string(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-o".into(),
+        "cluster_size=4096,lazy_refcounts=on".into(),
+        dirty.display().to_string(),
+        size.to_string(),
+    ])
+    .ok();
+    let mut rng = Rng::new(0xd1_47e);
+    let mut model = DiskModel::zeroed(size);
+    let ops = random_ops(&mut rng, 30, size, 4 * KIB, 64 * KIB, true, false);
+    let mut args: Vec<String> = vec!["-f".into(), "qcow2".into()];
+    for op in &ops {
+        args.extend(["-c".into(), op.command()]);
+        model.apply(op);
+    }
+    args.extend(["-c".into(), "abort".into(), dirty.display().to_string()]);
+    // qemu-io aborts on purpose: its exit status is the signal, not a failure of the test.
+    let _ = cowvm_tests::qcow_harness::run("qemu-io", &args);
+    let info = qemu_img(&["info".as_ref(), "--output=json".as_ref(), dirty.as_os_str()]).ok();
+    assert!(
+        info.stdout.contains("\"dirty-flag\": true"),
+        "qemu-io abort leaves the image dirty\n{}",
+        info.describe()
+    );
+    let qemu_check = qemu_img(&["check".as_ref(), dirty.as_os_str()]);
+    assert_eq!(
+        qemu_check.code,
+        Some(2),
+        "the dirty image has stale refcounts\n{}",
+        qemu_check.describe()
+    );
+
+    // Reads see the data as written.
+    let repaired = dir.path().join("repaired.qcow2");
+    std::fs::copy(&dirty, &repaired).expect("copy");
+    let commands = model.read_commands(0, size);
+    for out in qcow_io(&repaired, &commands) {
+        assert!(
+            out.success(),
+            "reads of the dirty image\n{}",
+            out.describe()
+        );
+    }
+    // A write repairs first.
+    let op = DiskOp::Write {
+        offset: 3 * MIB,
+        len: 10_000,
+        pattern: 0x3c,
+    };
+    qcow_apply(&repaired, &mut model, &[op], 1, "write to a dirty image");
+    judge(&repaired, &model, "dirty image after a qcow write");
+    let info = qemu_img(&[
+        "info".as_ref(),
+        "--output=json".as_ref(),
+        repaired.as_os_str(),
+    ])
+    .ok();
+    let json: serde_json::Value = serde_json::from_str(&info.stdout).expect("info JSON");
+    assert_eq!(
+        json["dirty-flag"],
+        serde_json::Value::Bool(false),
+        "{}",
+        info.stdout
+    );
+    assert_eq!(
+        json.pointer("/format-specific/data/lazy-refcounts"),
+        Some(&serde_json::Value::Bool(true)),
+        "lazy_refcounts must survive the repair\n{}",
+        info.stdout
+    );
+
+    // `qcow check -r all` on another copy: exit 0 after repairing, then qemu-img agrees.
+    let checked = dir.path().join("checked.qcow2");
+    std::fs::copy(&dirty, &checked).expect("copy");
+    let out = qcow(&[
+        "check".as_ref(),
+        "-r".as_ref(),
+        "all".as_ref(),
+        checked.as_os_str(),
+    ]);
+    assert_eq!(out.code, Some(0), "qcow check -r all\n{}", out.describe());
+    let mut unrepaired_model = DiskModel::zeroed(size);
+    for op in &ops {
+        unrepaired_model.apply(op);
+    }
+    judge(
+        &checked,
+        &unrepaired_model,
+        "dirty image after qcow check -r all",
+    );
+}
