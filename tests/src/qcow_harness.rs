@@ -613,13 +613,53 @@ pub fn assert_maps_agree(image: &Path, size: u64, context: &str) {
     );
 }
 
-/// Asserts `qcow check` finds `image` clean (exit 0).
+/// Counters of `check --output json` (qemu-img omits the ones that are zero).
+pub const CHECK_COUNTERS: &[&str] = &[
+    "image-end-offset",
+    "total-clusters",
+    "allocated-clusters",
+    "fragmented-clusters",
+    "compressed-clusters",
+    "corruptions",
+    "leaks",
+    "check-errors",
+];
+
+/// Asserts `qcow check` finds `image` clean (exit 0), and that `qcow check --output json` reports
+/// the same counters as `qemu-img check --output=json`.
 pub fn assert_qcow_check_clean(image: &Path, context: &str) {
     let out = qcow(&["check".as_ref(), image.as_os_str()]);
     assert!(
         out.success(),
         "{context}: qcow check must find the image clean\n{}",
         out.describe()
+    );
+    let qemu_out = qemu_img(&[
+        "check".as_ref(),
+        "--output=json".as_ref(),
+        image.as_os_str(),
+    ]);
+    let qcow_out = qcow(&[
+        "check".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        image.as_os_str(),
+    ]);
+    let (qemu_json, qcow_json) = (parse_json(&qemu_out), parse_json(&qcow_out));
+    let differences: Vec<String> = CHECK_COUNTERS
+        .iter()
+        .filter_map(|key| {
+            let a = qemu_json.get(*key).and_then(Value::as_u64).unwrap_or(0);
+            let b = qcow_json.get(*key).and_then(Value::as_u64).unwrap_or(0);
+            (a != b).then(|| format!("{key}: qemu-img {a}, qcow {b}"))
+        })
+        .collect();
+    assert!(
+        differences.is_empty(),
+        "{context}: qcow check --output json disagrees with qemu-img check:\n  {}\nqcow: {}\nqemu-img: {}",
+        differences.join("\n  "),
+        qcow_out.stdout,
+        qemu_out.stdout
     );
 }
 
