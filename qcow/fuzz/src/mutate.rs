@@ -313,7 +313,7 @@ fn mutate_once(data: &mut Vec<u8>, layout: &Layout, rng: &mut Rng) {
                 } else {
                     rng.pick(INTERESTING_32)
                 };
-                put(data, base + offset, width, value);
+                put(data, base.saturating_add(offset), width, value);
             }
         }
         // Truncate, or extend with junk.
