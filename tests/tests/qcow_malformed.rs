@@ -706,3 +706,101 @@ fn explicit_qcow2_format_on_a_non_qcow2_file_is_refused() {
     let out = qcow_run(&["io", "-f", "qcow2", "-c", "read 0 512"], &path);
     assert_refused(&out, "bad magic with -f qcow2", &["magic"]);
 }
+
+/// `qcow check` exit codes and repairs against qemu-img's verdicts: 3 for leaks only (`-r leaks`
+/// fixes them), 2 for corruptions (`-r all` fixes them), and qemu-img finds the repaired image clean
+/// with its data intact.
+#[test]
+fn check_exit_codes_and_repairs_match_qemu_img() {
+    if skip_without_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = make_base(dir.path());
+    let refblock = get_be(&base.bytes, base.reftable_offset as usize, 8) as usize;
+    let file_clusters = base.bytes.len() / CLUSTER as usize;
+    let data = get_be(&base.bytes, base.l2_offset as usize, 8);
+
+    // A leak: one more cluster at the end of the file with refcount 1 and no reference.
+    let mut leaked = base.bytes.clone();
+    leaked.extend(vec![0u8; CLUSTER as usize]);
+    put_be(&mut leaked, refblock + 2 * file_clusters, 2, 1);
+    // Corruptions: COPIED missing on a data cluster; a used cluster's refcount dropped to 0.
+    let copied_missing = {
+        let mut bytes = base.bytes.clone();
+        put_be(&mut bytes, base.l2_offset as usize, 8, data & !COPIED);
+        bytes
+    };
+    let refcount_zero = {
+        let mut bytes = base.bytes.clone();
+        let cluster = ((data & 0x00ff_ffff_ffff_fe00) / CLUSTER) as usize;
+        put_be(&mut bytes, refblock + 2 * cluster, 2, 0);
+        bytes
+    };
+    for (name, bytes, exit, repair) in [
+        ("leaked-cluster", leaked, 3, "leaks"),
+        ("copied-flag-missing", copied_missing, 2, "all"),
+        ("refcount-zero", refcount_zero, 2, "all"),
+    ] {
+        let path = write_case(dir.path(), name, &bytes);
+        let qemu = qemu_img(&["check".as_ref(), path.as_os_str()]);
+        assert_eq!(
+            qemu.code,
+            Some(exit),
+            "{name}: qemu-img check's verdict\n{}",
+            qemu.describe()
+        );
+        let check = qcow_run(&["check"], &path);
+        assert_orderly(&check, name);
+        assert_eq!(
+            check.code,
+            Some(exit),
+            "{name}: qcow check exit code\n{}",
+            check.describe()
+        );
+        let json = qcow_run(&["check", "--output", "json"], &path);
+        let parsed: serde_json::Value = serde_json::from_str(&json.stdout)
+            .unwrap_or_else(|err| panic!("{name}: check JSON ({err})\n{}", json.describe()));
+        let key = if exit == 3 { "leaks" } else { "corruptions" };
+        assert!(
+            parsed
+                .get(key)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+                > 0,
+            "{name}: qcow check --output json reports no {key}\n{}",
+            json.stdout
+        );
+
+        let repaired = qcow_run(&["check", "-r", repair], &path);
+        assert_orderly(&repaired, name);
+        assert_eq!(
+            repaired.code,
+            Some(0),
+            "{name}: qcow check -r {repair} must repair and exit 0\n{}",
+            repaired.describe()
+        );
+        let after = qemu_img(&["check".as_ref(), path.as_os_str()]);
+        assert_eq!(
+            after.code,
+            Some(0),
+            "{name}: qemu-img check after qcow check -r {repair}\n{}",
+            after.describe()
+        );
+        let read = qcow_run(
+            &[
+                "io",
+                "-c",
+                "read -P 170 0 131072",
+                "-c",
+                "read -P 187 1048576 65536",
+            ],
+            &path,
+        );
+        assert!(
+            read.success(),
+            "{name}: data after the repair\n{}",
+            read.describe()
+        );
+    }
+}
