@@ -510,6 +510,9 @@ pub const INFO_OPTIONAL_FIELDS: &[&str] = &[
     "/format-specific/data/corrupt",
     "/format-specific/data/extended-l2",
     "/snapshots",
+    "/filename",
+    "/full-backing-filename",
+    "/actual-size",
 ];
 
 /// Compares `qcow info --output json` with `qemu-img info --output=json`; returns the differences.
@@ -685,6 +688,50 @@ pub fn assert_qemu_check_clean(image: &Path, context: &str) {
             0,
             "{context}: qemu-img check {key}\n{}",
             human.describe()
+        );
+    }
+}
+
+/// Asserts `qcow info --backing-chain --output json` agrees with qemu-img's: one entry per image
+/// of the chain, each with the same shared fields.
+pub fn assert_chain_info_agrees(image: &Path, context: &str) {
+    let qemu_out = qemu_img(&[
+        "info".as_ref(),
+        "--backing-chain".as_ref(),
+        "--output=json".as_ref(),
+        image.as_os_str(),
+    ])
+    .ok();
+    let qcow_out = qcow(&[
+        "info".as_ref(),
+        "--backing-chain".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        image.as_os_str(),
+    ]);
+    assert!(
+        qcow_out.success(),
+        "{context}: qcow info --backing-chain failed\n{}",
+        qcow_out.describe()
+    );
+    let (qemu_json, qcow_json) = (parse_json(&qemu_out), parse_json(&qcow_out));
+    let (qemu_chain, qcow_chain) = (
+        qemu_json.as_array().cloned().unwrap_or_default(),
+        qcow_json.as_array().cloned().unwrap_or_default(),
+    );
+    assert_eq!(
+        qcow_chain.len(),
+        qemu_chain.len(),
+        "{context}: qcow info --backing-chain lists another number of images\nqcow:\n{}\nqemu-img:\n{}",
+        qcow_out.stdout,
+        qemu_out.stdout
+    );
+    for (depth, (a, b)) in qemu_chain.iter().zip(&qcow_chain).enumerate() {
+        let differences = info_differences(a, b);
+        assert!(
+            differences.is_empty(),
+            "{context}: qcow info --backing-chain entry {depth} disagrees with qemu-img:\n  {}",
+            differences.join("\n  ")
         );
     }
 }

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use cowvm_tests::qcow_harness::{
-    assert_info_agrees, assert_maps_agree, assert_qcow_check_clean, assert_qcow_reads, full_matrix,
-    library_read_all, qemu_img, qemu_io, qemu_raw_bytes, random_ops, skip_without_qemu, DiskModel,
-    DiskOp, ImageSpec, Rng,
+    assert_chain_info_agrees, assert_info_agrees, assert_maps_agree, assert_qcow_check_clean,
+    assert_qcow_reads, full_matrix, library_read_all, qemu_img, qemu_io, qemu_raw_bytes,
+    random_ops, skip_without_qemu, DiskModel, DiskOp, ImageSpec, Rng,
 };
 
 const KIB: u64 = 1024;
@@ -71,6 +71,7 @@ fn verify(image: &Path, model: &DiskModel, context: &str) {
     assert_maps_agree(image, model.size(), context);
     assert_qcow_check_clean(image, context);
     assert_info_agrees(image, context);
+    assert_chain_info_agrees(image, context);
 }
 
 fn plain_matrix() -> Vec<ImageSpec> {

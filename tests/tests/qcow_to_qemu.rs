@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use cowvm_tests::qcow_harness::{
-    assert_info_agrees, assert_maps_agree, assert_qcow_check_clean, assert_qemu_check_clean,
-    full_matrix, qcow, qcow_io, qemu_img, qemu_io, qemu_raw_bytes, random_ops, skip_without_qemu,
-    DiskModel, DiskOp, ImageSpec, Rng,
+    assert_chain_info_agrees, assert_info_agrees, assert_maps_agree, assert_qcow_check_clean,
+    assert_qemu_check_clean, full_matrix, qcow, qcow_io, qemu_img, qemu_io, qemu_raw_bytes,
+    random_ops, skip_without_qemu, DiskModel, DiskOp, ImageSpec, Rng,
 };
 
 const KIB: u64 = 1024;
@@ -104,6 +104,7 @@ fn judge(image: &Path, model: &DiskModel, context: &str) {
     );
     std::fs::remove_file(&reference).expect("remove reference");
     assert_info_agrees(image, context);
+    assert_chain_info_agrees(image, context);
     assert_maps_agree(image, model.size(), context);
     assert_qcow_check_clean(image, context);
 }
