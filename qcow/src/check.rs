@@ -208,8 +208,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
         }
     }
     let entries_per_l2 = cluster_size / 8;
-    let mut next_contiguous = 0u64;
-    for (&l2_offset, &(uses, active)) in &l2_uses {
+    for (&l2_offset, &(uses, _)) in &l2_uses {
         let table = read_table(image, l2_offset, entries_per_l2)?;
         for (index, &entry) in table.iter().enumerate() {
             let at = l2_offset + index as u64 * 8;
@@ -241,22 +240,6 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                         walk.fixes.push(Fix::Entry { at, value: 0 });
                     }
                     continue;
-                }
-            }
-            if active {
-                match mapping {
-                    Mapping::Compressed { .. } => {
-                        walk.report.allocated_clusters += 1;
-                        walk.report.compressed_clusters += 1;
-                    }
-                    Mapping::Normal { host, .. } | Mapping::ZeroAlloc { host } => {
-                        walk.report.allocated_clusters += 1;
-                        if next_contiguous != 0 && host != next_contiguous {
-                            walk.report.fragmented_clusters += 1;
-                        }
-                        next_contiguous = host + cluster_size;
-                    }
-                    _ => {}
                 }
             }
         }
@@ -388,9 +371,26 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
             });
         }
         let table = read_table(image, l2_offset, entries_per_l2)?;
+        // Like qemu-img, contiguity is judged within one L2 table.
+        let mut next_contiguous = 0u64;
         for (l2_index, &l2_entry) in table.iter().enumerate() {
+            // Allocation statistics, in guest order like qemu-img (compressed clusters count as
+            // fragmented by nature).
             let host = match Mapping::decode(l2_entry, cluster_bits) {
-                Ok(Mapping::Normal { host, .. }) | Ok(Mapping::ZeroAlloc { host }) => host,
+                Ok(Mapping::Normal { host, .. }) | Ok(Mapping::ZeroAlloc { host }) => {
+                    walk.report.allocated_clusters += 1;
+                    if next_contiguous != 0 && host != next_contiguous {
+                        walk.report.fragmented_clusters += 1;
+                    }
+                    next_contiguous = host + cluster_size;
+                    host
+                }
+                Ok(Mapping::Compressed { .. }) => {
+                    walk.report.allocated_clusters += 1;
+                    walk.report.compressed_clusters += 1;
+                    walk.report.fragmented_clusters += 1;
+                    continue;
+                }
                 _ => continue,
             };
             if host >= file_len {

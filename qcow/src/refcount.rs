@@ -151,6 +151,14 @@ impl Refcounts {
         if self.blocks.contains(offset) {
             return Ok(());
         }
+        let file_len = file
+            .len()
+            .map_err(|source| Error::ReadRefcountBlock { offset, source })?;
+        if offset + self.cluster_size() > file_len {
+            return Err(Error::Corrupt(format!(
+                "refcount block at {offset:#x} is past the end of the file"
+            )));
+        }
         let mut block = vec![0u8; self.cluster_size() as usize];
         file.read_at(&mut block, offset)
             .map_err(|source| Error::ReadRefcountBlock { offset, source })?;

@@ -302,6 +302,29 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
             ok && text.contains("No errors were found"),
             "{name} seed {seed}: qemu-img check: {text}"
         );
+        // The allocation statistics agree with qemu-img's too.
+        let (ok, text) = qemu_img(&["check", "--output=json", path.to_str().unwrap()]);
+        assert!(
+            ok,
+            "{name} seed {seed}: qemu-img check --output=json: {text}"
+        );
+        let stats: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let field = |key: &str| stats.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
+        let ours = (
+            report.image_end_offset,
+            report.total_clusters,
+            report.allocated_clusters,
+            report.fragmented_clusters,
+            report.compressed_clusters,
+        );
+        let theirs = (
+            field("image-end-offset"),
+            field("total-clusters"),
+            field("allocated-clusters"),
+            field("fragmented-clusters"),
+            field("compressed-clusters"),
+        );
+        assert_eq!(ours, theirs, "{name} seed {seed}: check statistics (end, total, allocated, fragmented, compressed) differ from qemu-img's");
         let (ok, text) = qemu_img(&["map", "--output=json", path.to_str().unwrap()]);
         assert!(ok, "{name} seed {seed}: qemu-img map: {text}");
         let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
