@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub mod qcow_harness;
+pub mod vmm_harness;
 
 /// Path of a binary built from this workspace (`cowvm`, `qcow`), next to the running test.
 ///

@@ -83,6 +83,22 @@ fn load_elf(memory: &GuestMemory, path: &Path, image: &[u8]) -> Result<EntryPoin
         path: path.to_owned(),
         reason,
     };
+    // linux-loader checks the magic and byte order but not the class or machine.
+    match (image.get(4), image.get(18..20)) {
+        (Some(2), Some([0x3e, 0])) => {}
+        (Some(2), Some(machine)) => {
+            return Err(malformed(format!(
+                "machine {:#x} is not x86-64 (0x3e)",
+                u16::from_le_bytes([machine[0], machine[1]])
+            )))
+        }
+        (Some(class), _) if *class != 2 => {
+            return Err(malformed(format!(
+                "ELF class {class} is not ELFCLASS64 (2)"
+            )))
+        }
+        _ => return Err(malformed("Unable to read elf header".into())),
+    }
     let loaded = Elf::load(
         memory,
         None,

@@ -69,7 +69,8 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("cowvm: error: {e:#}");
+            // Every error message already includes its cause.
+            eprintln!("cowvm: error: {e}");
             ExitCode::FAILURE
         }
     }

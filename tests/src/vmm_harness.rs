@@ -1,0 +1,134 @@
+//! Helpers for the `cowvm` end-to-end tests: running the binary, skipping without KVM, and
+//! hand-assembled guests for exit-status, fault and unmapped-access tests.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::bin_path;
+
+/// Whether `/dev/kvm` can be opened; prints the SKIP line the tests promise when it cannot.
+pub fn kvm_usable(test: &str) -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !usable {
+        println!("SKIP: {test}: /dev/kvm is not usable on this machine");
+    }
+    usable
+}
+
+/// Runs `cowvm` with `args` and returns its output.
+pub fn cowvm(args: &[&str]) -> Output {
+    Command::new(bin_path("cowvm"))
+        .args(args)
+        .output()
+        .expect("spawn cowvm")
+}
+
+/// stdout as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts a failed run: exit status 1, `needle` in stderr, and no panic.
+pub fn assert_error(output: &Output, needle: &str) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(1), "stderr: {err}");
+    assert!(
+        err.contains(needle),
+        "expected `{needle}` in stderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "cowvm panicked:\n{err}");
+}
+
+/// x86-64 machine code for the hand-made guests (they run at CPL 3 with IOPL 3, like the
+/// built-in one, so port I/O is allowed).
+pub mod code {
+    /// `mov dx, port; mov al, value; out dx, al`
+    pub fn out(port: u16, value: u8) -> Vec<u8> {
+        let [lo, hi] = port.to_le_bytes();
+        vec![0x66, 0xba, lo, hi, 0xb0, value, 0xee]
+    }
+
+    /// Writes `status` to the exit device, then spins (the VMM stops the VM first).
+    pub fn exit(status: u8) -> Vec<u8> {
+        let mut code = out(0x501, status);
+        code.extend_from_slice(&[0xeb, 0xfe]);
+        code
+    }
+
+    /// `ud2`: an invalid opcode, which with no IDT becomes a triple fault.
+    pub const UD2: [u8; 2] = [0x0f, 0x0b];
+
+    /// Reads and writes unmapped port 0x80 and unmapped MMIO at 0xd000_0000, then exits with
+    /// `5 + the byte read from MMIO` (so 5 when unmapped reads return zero).
+    pub fn unmapped_accesses() -> Vec<u8> {
+        let mut code = vec![
+            0x66, 0xba, 0x80, 0x00, // mov dx, 0x80
+            0xec, // in al, dx
+            0xee, // out dx, al
+            0xb8, 0x00, 0x00, 0x00, 0xd0, // mov eax, 0xd0000000
+            0xc6, 0x00, 0x01, // mov byte [rax], 1
+            0x8a, 0x18, // mov bl, [rax]
+            0x80, 0xc3, 0x05, // add bl, 5
+            0x88, 0xd8, // mov al, bl
+            0x66, 0xba, 0x01, 0x05, // mov dx, 0x501
+            0xee, // out dx, al
+        ];
+        code.extend_from_slice(&[0xeb, 0xfe]);
+        code
+    }
+
+    /// Parks the only vCPU without writing an exit status.
+    pub fn park() -> Vec<u8> {
+        let mut code = out(0x502, 0);
+        code.extend_from_slice(&[0xeb, 0xfe]);
+        code
+    }
+}
+
+/// A minimal ELF64 executable with one PT_LOAD segment holding `code` at 1 MiB.
+pub fn elf_image(code: &[u8]) -> Vec<u8> {
+    const LOAD_ADDR: u64 = 0x10_0000;
+    let code_offset = 64 + 56;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    elf.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    elf.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&[0; 6]); // e_shentsize, e_shnum, e_shstrndx
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    elf.extend_from_slice(&(code_offset as u64).to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    assert_eq!(elf.len(), code_offset);
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// Writes `bytes` to `dir/name` and returns the path as a string.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write test file");
+    path.to_string_lossy().into_owned()
+}
