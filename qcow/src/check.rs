@@ -13,6 +13,9 @@ use crate::l2::{Mapping, COMPRESSED, COPIED, L1_RESERVED_MASK, OFFSET_MASK};
 use crate::raw::Storage;
 use crate::refcount::{max_refcount, set_entry, REFTABLE_OFFSET_MASK};
 
+/// Largest file (in clusters) `check` accepts: 1 GiB of reference counters.
+const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
+
 /// What `check` may fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Repair {
@@ -129,6 +132,13 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
     let cluster_bits = image.cluster_bits;
     let file_len = image.file.len().map_err(Error::ReadHeader)?;
     let file_clusters = file_len.div_ceil(cluster_size);
+    // One 8-byte counter per cluster of the file: refuse absurd (typically sparse, hostile) files
+    // instead of allocating gigabytes.
+    if file_clusters > MAX_CHECK_CLUSTERS {
+        return Err(Error::Corrupt(format!(
+            "image file has {file_clusters} clusters; checking more than {MAX_CHECK_CLUSTERS} is not supported"
+        )));
+    }
     let mut walk = Walk {
         cluster_bits,
         file_clusters,
