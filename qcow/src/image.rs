@@ -1,24 +1,25 @@
 //! `Image`: an open qcow2 image — byte-granular read/write/zero/discard/flush over L1/L2 tables,
 //! with copy-on-write from backing files, compressed and shared clusters, and ordered metadata writes.
 
-use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
 use byteorder::{BigEndian, ByteOrder};
 
+pub use crate::backing::{open_backing, resolve_backing_path, Backing, MAX_BACKING_DEPTH};
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
 use crate::header::{
     CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
     MAX_HOST_OFFSET,
 };
-use crate::l2::{Mapping, COPIED, L1_RESERVED_MASK, OFFSET_MASK, ZERO};
+use crate::l2::{Mapping, COPIED, L1_RESERVED_MASK, OFFSET_MASK};
 use crate::raw::{AlignedBuf, FileStorage, Storage};
 use crate::refcount::Refcounts;
 use crate::snapshot::{self, Snapshot};
 
-/// Deepest backing chain followed.
-pub const MAX_BACKING_DEPTH: usize = 16;
+mod zero;
+
 /// Deferred frees beyond which a write forces a flush (bounds memory).
 const MAX_PENDING_FREES: usize = 4096;
 
@@ -49,59 +50,6 @@ impl Default for OpenOptions {
             check_mode: false,
             sync: true,
             no_backing: false,
-        }
-    }
-}
-
-/// The image underneath unallocated clusters.
-#[derive(Debug)]
-pub enum Backing {
-    Raw {
-        file: FileStorage,
-        size: u64,
-        path: PathBuf,
-    },
-    Qcow {
-        image: Box<Image<FileStorage>>,
-        path: PathBuf,
-    },
-}
-
-impl Backing {
-    /// Virtual size of the backing image.
-    pub fn size(&self) -> u64 {
-        match self {
-            Backing::Raw { size, .. } => *size,
-            Backing::Qcow { image, .. } => image.size(),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        match self {
-            Backing::Raw { path, .. } | Backing::Qcow { path, .. } => path,
-        }
-    }
-
-    pub fn format(&self) -> &'static str {
-        match self {
-            Backing::Raw { .. } => "raw",
-            Backing::Qcow { .. } => "qcow2",
-        }
-    }
-
-    /// Reads at a guest offset; the part past the backing image's end reads as zeros.
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.size();
-        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[avail..].fill(0);
-        if avail == 0 {
-            return Ok(());
-        }
-        match self {
-            Backing::Raw { file, .. } => file
-                .read_at(&mut buf[..avail], offset)
-                .map_err(Error::ReadBacking),
-            Backing::Qcow { image, .. } => image.read_at(&mut buf[..avail], offset),
         }
     }
 }
@@ -156,79 +104,13 @@ impl Image<FileStorage> {
     }
 }
 
-/// Resolves a backing file name against the directory of the image that names it.
-pub fn resolve_backing_path(image_path: Option<&Path>, name: &str) -> PathBuf {
-    let name_path = Path::new(name);
-    if name_path.is_absolute() {
-        return name_path.to_path_buf();
-    }
-    match image_path.and_then(|p| p.parent()) {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name_path),
-        _ => name_path.to_path_buf(),
-    }
-}
-
-/// Opens a backing image read-only; `format` `None` probes the magic.
-pub fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<Backing> {
-    let wrap = |source: Error| Error::OpenBacking {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    };
-    if depth >= MAX_BACKING_DEPTH {
-        return Err(Error::BackingChainTooDeep(MAX_BACKING_DEPTH));
-    }
-    let file = File::open(path).map_err(|source| {
-        wrap(Error::OpenFile {
-            path: path.to_path_buf(),
-            source,
-        })
-    })?;
-    let mut storage = FileStorage::new(file);
-    let is_qcow = match format {
-        Some("qcow2") => true,
-        Some("raw") => false,
-        Some(other) => {
-            return Err(wrap(Error::InvalidHeader(format!(
-                "unsupported backing format '{other}'"
-            ))))
-        }
-        None => {
-            let mut magic = [0u8; 4];
-            storage
-                .read_at(&mut magic, 0)
-                .map_err(|e| wrap(Error::ReadHeader(e)))?;
-            u32::from_be_bytes(magic) == crate::header::MAGIC
-        }
-    };
-    if is_qcow {
-        let options = OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        };
-        let image =
-            Image::open_storage_depth(storage, Some(path.to_path_buf()), &options, depth + 1)
-                .map_err(wrap)?;
-        Ok(Backing::Qcow {
-            image: Box::new(image),
-            path: path.to_path_buf(),
-        })
-    } else {
-        let size = storage.len().map_err(|e| wrap(Error::ReadHeader(e)))?;
-        Ok(Backing::Raw {
-            file: storage,
-            size,
-            path: path.to_path_buf(),
-        })
-    }
-}
-
 impl<S: Storage> Image<S> {
     /// Opens an image on arbitrary storage. `path` locates relative backing file names.
     pub fn open_storage(file: S, path: Option<PathBuf>, options: &OpenOptions) -> Result<Self> {
         Self::open_storage_depth(file, path, options, 0)
     }
 
-    fn open_storage_depth(
+    pub(crate) fn open_storage_depth(
         mut file: S,
         path: Option<PathBuf>,
         options: &OpenOptions,
@@ -612,8 +494,8 @@ impl<S: Storage> Image<S> {
         output.clear();
         output.resize(self.cluster_size as usize, 0);
         let result = match self.header.compression_type {
-            CompressionType::Deflate => inflate_raw(&input, &mut output),
-            CompressionType::Zstd => unzstd(&input, &mut output),
+            CompressionType::Deflate => crate::compress::inflate_raw(&input, &mut output),
+            CompressionType::Zstd => crate::compress::unzstd(&input, &mut output),
         };
         result.map_err(|why| Error::Decompress { offset: host, why })?;
         self.decompressed = Some((host, output));
@@ -691,31 +573,6 @@ impl<S: Storage> Image<S> {
             Some((lo, hi)) => (lo.min(index), hi.max(index + 1)),
             None => (index, index + 1),
         });
-    }
-
-    /// QEMU's heuristic for "this image was preallocated with metadata": the file occupies clearly
-    /// fewer clusters on the host than the refcounts claim. Only then does `qemu-img map` look
-    /// through data clusters at the file's holes, so `map` does the same.
-    pub fn metadata_preallocated(&mut self) -> Result<bool> {
-        if let Some(known) = self.metadata_preallocated {
-            return Ok(known);
-        }
-        let file_len = self.file.len().map_err(Error::ReadHeader)?;
-        let Some(real_allocation) = self.file.allocated_size() else {
-            return Ok(false);
-        };
-        let real_clusters = real_allocation / self.cluster_size;
-        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-        let end_cluster = file_len.div_ceil(self.cluster_size);
-        let mut used = 0;
-        let mut cluster = 0;
-        while cluster < end_cluster && used < threshold {
-            used += u64::from(self.refcounts.get(&mut self.file, cluster)? != 0);
-            cluster += 1;
-        }
-        let preallocated = used >= threshold;
-        self.metadata_preallocated = Some(preallocated);
-        Ok(preallocated)
     }
 
     fn alloc_cluster(&mut self) -> Result<u64> {
@@ -869,108 +726,6 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    /// Makes `[offset, offset + len)` read as zeros, deallocating whole clusters where possible.
-    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes_with(offset, len, true)
-    }
-
-    /// Like [`Image::write_zeroes`]; with `may_unmap` false (qemu-io's `write -z` without `-u`),
-    /// whole clusters that are allocated and unshared keep their host cluster and only gain the
-    /// zero flag, as QEMU does.
-    pub fn write_zeroes_with(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.check_writable()?;
-        self.check_range(offset, len as usize)?;
-        let mut guest = offset;
-        let end = offset + len;
-        while guest < end {
-            let in_cluster = guest & (self.cluster_size - 1);
-            let n = (self.cluster_size - in_cluster).min(end - guest);
-            if n == self.cluster_size && self.zero_whole_cluster(guest, may_unmap)? {
-                // done by metadata
-            } else {
-                let mapping = self.mapping(guest)?;
-                let already_zero = match mapping {
-                    Mapping::ZeroPlain | Mapping::ZeroAlloc { .. } => true,
-                    Mapping::Unallocated => self
-                        .backing
-                        .as_ref()
-                        .is_none_or(|b| b.size() <= guest - in_cluster),
-                    _ => false,
-                };
-                if !already_zero {
-                    self.write_cluster(guest, None, n as usize)?;
-                }
-            }
-            guest += n;
-        }
-        self.bound_pending()
-    }
-
-    /// Turns a whole guest cluster into zeros via its L2 entry; false if the format can't (v2 with a
-    /// backing file).
-    fn zero_whole_cluster(&mut self, guest: u64, may_unmap: bool) -> Result<bool> {
-        if !may_unmap && self.header.version >= 3 {
-            if let Mapping::Normal { host, copied: true } = self.mapping(guest)? {
-                let (l2_offset, index) = self.l2_for_write(guest)?;
-                self.set_l2_entry(l2_offset, index, host | COPIED | ZERO)?;
-                return Ok(true);
-            }
-        }
-        let new_entry = if self.header.version >= 3 {
-            ZERO
-        } else if self.backing.is_none() {
-            0
-        } else {
-            return Ok(false);
-        };
-        self.replace_entry(guest, new_entry)?;
-        Ok(true)
-    }
-
-    /// Sets the L2 entry of the cluster containing `guest`, releasing what the old one referenced.
-    fn replace_entry(&mut self, guest: u64, new_entry: u64) -> Result<()> {
-        let l1_index = self.l1_index(guest);
-        if new_entry == 0 && self.l2_offset_of(l1_index)? == 0 {
-            return Ok(());
-        }
-        let (l2_offset, index) = self.l2_for_write(guest)?;
-        let old_entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
-        if old_entry == new_entry {
-            return Ok(());
-        }
-        let mapping = Mapping::decode(old_entry, self.cluster_bits)?;
-        self.set_l2_entry(l2_offset, index, new_entry)?;
-        self.release(mapping);
-        Ok(())
-    }
-
-    /// Discards whole clusters in the range (QEMU semantics: they read as zeros afterwards on v3, or
-    /// from the backing file on v2); partial clusters are left alone.
-    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.check_writable()?;
-        self.check_range(offset, len as usize)?;
-        let end = offset + len;
-        let mut guest = offset.div_ceil(self.cluster_size) * self.cluster_size;
-        while guest < end {
-            let cluster_end = (guest + self.cluster_size).min(self.header.size);
-            if cluster_end > end {
-                break;
-            }
-            let mapping = self.mapping(guest)?;
-            let new_entry = match mapping {
-                Mapping::Unallocated if self.backing.is_none() => None,
-                Mapping::ZeroPlain => None,
-                _ if self.header.version >= 3 => Some(ZERO),
-                _ => Some(0),
-            };
-            if let Some(new_entry) = new_entry {
-                self.replace_entry(guest, new_entry)?;
-            }
-            guest += self.cluster_size;
-        }
-        self.bound_pending()
-    }
-
     /// Writes all cached metadata in the safe order and makes everything durable.
     pub fn flush(&mut self) -> Result<()> {
         if self.read_only {
@@ -1038,23 +793,6 @@ impl<S: Storage> Image<S> {
         self.l2_cache.clear();
         Ok(())
     }
-
-    /// Preallocates every cluster (`preallocation=metadata`): L2 tables and data clusters whose
-    /// content is the file's holes (zeros).
-    pub fn preallocate_metadata(&mut self) -> Result<()> {
-        self.check_writable()?;
-        let mut guest = 0;
-        while guest < self.header.size {
-            let (l2_offset, index) = self.l2_for_write(guest)?;
-            let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
-            if entry == 0 {
-                let host = self.alloc_cluster()?;
-                self.set_l2_entry(l2_offset, index, host | COPIED)?;
-            }
-            guest += self.cluster_size;
-        }
-        self.flush()
-    }
 }
 
 impl<S: Storage> Drop for Image<S> {
@@ -1089,27 +827,6 @@ fn write_l2<S: Storage + ?Sized>(file: &mut S, offset: u64, table: &[u64]) -> Re
     }
     file.write_at(&raw, offset)
         .map_err(|source| Error::WriteL2Table { offset, source })
-}
-
-/// Raw deflate (QEMU's window bits −12); succeeds once exactly one cluster was produced.
-fn inflate_raw(input: &[u8], output: &mut [u8]) -> std::result::Result<(), String> {
-    let mut inflater = flate2::Decompress::new(false);
-    match inflater.decompress(input, output, flate2::FlushDecompress::Finish) {
-        Ok(_) | Err(_) if inflater.total_out() as usize == output.len() => Ok(()),
-        Ok(status) => Err(format!(
-            "deflate stream ended early ({status:?}, {} bytes)",
-            inflater.total_out()
-        )),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn unzstd(input: &[u8], output: &mut [u8]) -> std::result::Result<(), String> {
-    use std::io::Read;
-    let mut source = input;
-    let mut decoder =
-        ruzstd::decoding::StreamingDecoder::new(&mut source).map_err(|e| e.to_string())?;
-    decoder.read_exact(output).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

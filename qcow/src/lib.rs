@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod backing;
 pub mod cache;
 pub mod check;
+mod compress;
 pub mod create;
 pub mod error;
 pub mod header;

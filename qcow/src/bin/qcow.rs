@@ -5,8 +5,12 @@
 
 #[path = "qcow/bench.rs"]
 mod bench;
+#[path = "qcow/check_cmd.rs"]
+mod check_cmd;
 #[path = "qcow/disk.rs"]
 mod disk;
+#[path = "qcow/info.rs"]
+mod info;
 #[path = "qcow/io_cmd.rs"]
 mod io_cmd;
 
@@ -19,7 +23,7 @@ use serde::Serialize;
 
 use bench::BenchOptions;
 use disk::{probe, Disk};
-use lib::{CheckReport, CreateOptions, Image, OpenOptions, Repair, Storage};
+use lib::{CreateOptions, Image, OpenOptions, Storage};
 use qcow as lib;
 
 #[derive(Parser, Debug)]
@@ -34,13 +38,13 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Output {
+pub(crate) enum Output {
     Human,
     Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum RepairArg {
+pub(crate) enum RepairArg {
     Leaks,
     All,
 }
@@ -218,7 +222,7 @@ fn run(cli: Cli) -> Result<u8> {
             backing_chain,
             file,
             ..
-        } => info(format.as_deref(), output, backing_chain, &file),
+        } => info::info(format.as_deref(), output, backing_chain, &file),
         Command::Check {
             format,
             repair,
@@ -226,7 +230,7 @@ fn run(cli: Cli) -> Result<u8> {
             quiet,
             file,
             ..
-        } => check(format.as_deref(), repair, output, quiet, &file),
+        } => check_cmd::check(format.as_deref(), repair, output, quiet, &file),
         Command::Map {
             format,
             output,
@@ -411,512 +415,12 @@ pub fn human_size(bytes: u64) -> String {
     format!("{text} {}", units[unit])
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<String> {
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String> {
     let mut out = Vec::new();
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
     value.serialize(&mut serializer)?;
     Ok(String::from_utf8(out)?)
-}
-
-#[derive(Serialize)]
-struct FormatSpecificQcow2 {
-    compat: &'static str,
-    #[serde(rename = "compression-type")]
-    compression_type: &'static str,
-    #[serde(rename = "lazy-refcounts", skip_serializing_if = "Option::is_none")]
-    lazy_refcounts: Option<bool>,
-    #[serde(rename = "refcount-bits")]
-    refcount_bits: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    corrupt: Option<bool>,
-    #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
-    extended_l2: Option<bool>,
-}
-
-#[derive(Serialize)]
-struct FormatSpecific<T> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    data: T,
-}
-
-#[derive(Serialize)]
-struct ChildNode {
-    name: &'static str,
-    info: FileNodeInfo,
-}
-
-#[derive(Serialize)]
-struct FileNodeInfo {
-    children: Vec<ChildNode>,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    filename: String,
-    format: &'static str,
-    #[serde(rename = "actual-size", skip_serializing_if = "Option::is_none")]
-    actual_size: Option<u64>,
-    #[serde(rename = "format-specific")]
-    format_specific: FormatSpecific<serde_json::Map<String, serde_json::Value>>,
-    #[serde(rename = "dirty-flag")]
-    dirty_flag: bool,
-}
-
-#[derive(Serialize)]
-struct SnapshotInfo {
-    id: String,
-    name: String,
-    #[serde(rename = "vm-state-size")]
-    vm_state_size: u64,
-    #[serde(rename = "date-sec")]
-    date_sec: u32,
-    #[serde(rename = "date-nsec")]
-    date_nsec: u32,
-    #[serde(rename = "vm-clock-sec")]
-    vm_clock_sec: u64,
-    #[serde(rename = "vm-clock-nsec")]
-    vm_clock_nsec: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    icount: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct ImageInfo {
-    children: Vec<ChildNode>,
-    #[serde(
-        rename = "backing-filename-format",
-        skip_serializing_if = "Option::is_none"
-    )]
-    backing_filename_format: Option<String>,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    filename: String,
-    #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
-    cluster_size: Option<u64>,
-    format: &'static str,
-    #[serde(rename = "actual-size", skip_serializing_if = "Option::is_none")]
-    actual_size: Option<u64>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    snapshots: Vec<SnapshotInfo>,
-    #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
-    format_specific: Option<FormatSpecific<FormatSpecificQcow2>>,
-    #[serde(
-        rename = "full-backing-filename",
-        skip_serializing_if = "Option::is_none"
-    )]
-    full_backing_filename: Option<String>,
-    #[serde(rename = "backing-filename", skip_serializing_if = "Option::is_none")]
-    backing_filename: Option<String>,
-    #[serde(rename = "dirty-flag")]
-    dirty_flag: bool,
-    #[serde(skip)]
-    file_length: u64,
-}
-
-fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
-    let name = path.display().to_string();
-    let format = match format {
-        Some(f) => f.to_string(),
-        None => probe(path)?,
-    };
-    let metadata = std::fs::metadata(path).with_context(|| format!("cannot open {name}"))?;
-    use std::os::unix::fs::MetadataExt;
-    let actual_size = Some(metadata.blocks() * 512);
-    let file_length = metadata.len();
-    let file_node = FileNodeInfo {
-        children: Vec::new(),
-        virtual_size: file_length,
-        filename: name.clone(),
-        format: "file",
-        actual_size,
-        format_specific: FormatSpecific {
-            kind: "file",
-            data: serde_json::Map::new(),
-        },
-        dirty_flag: false,
-    };
-    let children = vec![ChildNode {
-        name: "file",
-        info: file_node,
-    }];
-    if format == "raw" {
-        return Ok(ImageInfo {
-            children,
-            backing_filename_format: None,
-            virtual_size: file_length,
-            filename: name,
-            cluster_size: None,
-            format: "raw",
-            actual_size,
-            snapshots: Vec::new(),
-            format_specific: None,
-            full_backing_filename: None,
-            backing_filename: None,
-            dirty_flag: false,
-            file_length,
-        });
-    }
-    if format != "qcow2" {
-        bail!("{name}: unsupported format '{format}' (qcow2 or raw)");
-    }
-    // Read-only, and without opening the backing file: only its name is reported.
-    let options = OpenOptions {
-        read_only: true,
-        no_backing: true,
-        ..OpenOptions::default()
-    };
-    let image = Image::open(path, &options).with_context(|| name.clone())?;
-    let header = image.header();
-    let v3 = header.version >= 3;
-    let full_backing = header.backing_file.as_deref().map(|b| {
-        lib::image::resolve_backing_path(Some(path), b)
-            .display()
-            .to_string()
-    });
-    Ok(ImageInfo {
-        children,
-        backing_filename_format: header.backing_format.clone(),
-        virtual_size: header.size,
-        filename: name,
-        cluster_size: Some(header.cluster_size()),
-        format: "qcow2",
-        actual_size,
-        snapshots: image
-            .snapshots()
-            .iter()
-            .map(|s| SnapshotInfo {
-                id: s.id.clone(),
-                name: s.name.clone(),
-                vm_state_size: s.vm_state_size,
-                date_sec: s.date_sec,
-                date_nsec: s.date_nsec,
-                vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
-                vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
-                icount: s.icount,
-            })
-            .collect(),
-        format_specific: Some(FormatSpecific {
-            kind: "qcow2",
-            data: FormatSpecificQcow2 {
-                compat: if v3 { "1.1" } else { "0.10" },
-                compression_type: header.compression_type.name(),
-                lazy_refcounts: v3.then(|| image.lazy_refcounts()),
-                refcount_bits: header.refcount_bits(),
-                corrupt: v3
-                    .then_some(header.incompatible_features & lib::header::INCOMPAT_CORRUPT != 0),
-                extended_l2: v3.then_some(false),
-            },
-        }),
-        full_backing_filename: full_backing,
-        backing_filename: header.backing_file.clone(),
-        dirty_flag: header.incompatible_features & lib::header::INCOMPAT_DIRTY != 0,
-        file_length,
-    })
-}
-
-fn print_human_info(info: &ImageInfo) {
-    println!("image: {}", info.filename);
-    println!("file format: {}", info.format);
-    println!(
-        "virtual size: {} ({} bytes)",
-        human_size(info.virtual_size),
-        info.virtual_size
-    );
-    if let Some(actual) = info.actual_size {
-        println!("disk size: {}", human_size(actual));
-    }
-    if let Some(cluster_size) = info.cluster_size {
-        println!("cluster_size: {cluster_size}");
-    }
-    if let Some(backing) = &info.backing_filename {
-        match &info.full_backing_filename {
-            Some(full) if full != backing => {
-                println!("backing file: {backing} (actual path: {full})")
-            }
-            _ => println!("backing file: {backing}"),
-        }
-    }
-    if let Some(format) = &info.backing_filename_format {
-        println!("backing file format: {format}");
-    }
-    if info.dirty_flag {
-        println!("cleanly shut down: no");
-    }
-    if !info.snapshots.is_empty() {
-        println!("Snapshot list:");
-        println!(
-            "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
-            "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
-        );
-        for s in &info.snapshots {
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                s.vm_clock_sec / 3600,
-                (s.vm_clock_sec / 60) % 60,
-                s.vm_clock_sec % 60,
-                s.vm_clock_nsec / 1_000_000
-            );
-            let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
-            println!(
-                "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
-                s.id,
-                s.name,
-                human_size(s.vm_state_size),
-                s.date_sec,
-                clock,
-                icount
-            );
-        }
-    }
-    if let Some(specific) = &info.format_specific {
-        let d = &specific.data;
-        println!("Format specific information:");
-        println!("    compat: {}", d.compat);
-        println!("    compression type: {}", d.compression_type);
-        if let Some(lazy) = d.lazy_refcounts {
-            println!("    lazy refcounts: {lazy}");
-        }
-        println!("    refcount bits: {}", d.refcount_bits);
-        if let Some(corrupt) = d.corrupt {
-            println!("    corrupt: {corrupt}");
-        }
-        if let Some(ext) = d.extended_l2 {
-            println!("    extended l2: {ext}");
-        }
-    }
-    println!("Child node '/file':");
-    println!("    filename: {}", info.filename);
-    println!("    protocol type: file");
-    println!(
-        "    file length: {} ({} bytes)",
-        human_size(info.file_length),
-        info.file_length
-    );
-    if let Some(actual) = info.actual_size {
-        println!("    disk size: {}", human_size(actual));
-    }
-}
-
-/// Refuses a backing chain that loops back on itself. Missing backing files are not an error
-/// here: like qemu-img, `info` reports the image without opening its backing file.
-fn refuse_backing_loop(file: &Path) -> Result<()> {
-    let mut seen = Vec::new();
-    let mut current = file.to_path_buf();
-    for _ in 0..=lib::image::MAX_BACKING_DEPTH {
-        let Ok(canonical) = std::fs::canonicalize(&current) else {
-            return Ok(());
-        };
-        if seen.contains(&canonical) {
-            bail!(
-                "{}: backing file chain contains a loop at {}",
-                file.display(),
-                current.display()
-            );
-        }
-        seen.push(canonical);
-        let options = OpenOptions {
-            read_only: true,
-            no_backing: true,
-            ..OpenOptions::default()
-        };
-        let Ok(image) = Image::open(&current, &options) else {
-            return Ok(());
-        };
-        match image.header().backing_file.as_deref() {
-            Some(name) if !name.is_empty() => {
-                current = lib::image::resolve_backing_path(Some(&current), name);
-            }
-            _ => return Ok(()),
-        }
-    }
-    bail!(
-        "{}: backing chain is deeper than {} images",
-        file.display(),
-        lib::image::MAX_BACKING_DEPTH
-    )
-}
-
-fn info(format: Option<&str>, output: Output, backing_chain: bool, file: &Path) -> Result<u8> {
-    let mut chain = vec![image_info(file, format)?];
-    if chain[0].format == "qcow2" {
-        refuse_backing_loop(file)?;
-    }
-    if backing_chain {
-        while let Some(full) = chain.last().and_then(|i| i.full_backing_filename.clone()) {
-            if chain.len() > lib::image::MAX_BACKING_DEPTH {
-                bail!(
-                    "{}: backing chain is deeper than {} images",
-                    file.display(),
-                    lib::image::MAX_BACKING_DEPTH
-                );
-            }
-            let backing_format = chain.last().and_then(|i| i.backing_filename_format.clone());
-            chain.push(image_info(Path::new(&full), backing_format.as_deref())?);
-        }
-    }
-    match output {
-        Output::Json if backing_chain => println!("{}", to_json(&chain)?),
-        Output::Json => println!("{}", to_json(&chain[0])?),
-        Output::Human => {
-            for (i, info) in chain.iter().enumerate() {
-                if i > 0 {
-                    println!();
-                }
-                print_human_info(info);
-            }
-        }
-    }
-    Ok(0)
-}
-
-#[derive(Serialize)]
-struct CheckJson<'a> {
-    #[serde(rename = "image-end-offset", skip_serializing_if = "is_zero")]
-    image_end_offset: u64,
-    #[serde(rename = "total-clusters", skip_serializing_if = "is_zero")]
-    total_clusters: u64,
-    #[serde(rename = "check-errors")]
-    check_errors: u64,
-    #[serde(skip_serializing_if = "is_zero")]
-    leaks: u64,
-    #[serde(skip_serializing_if = "is_zero")]
-    corruptions: u64,
-    #[serde(rename = "leaks-fixed", skip_serializing_if = "is_zero")]
-    leaks_fixed: u64,
-    #[serde(rename = "corruptions-fixed", skip_serializing_if = "is_zero")]
-    corruptions_fixed: u64,
-    #[serde(rename = "allocated-clusters", skip_serializing_if = "is_zero")]
-    allocated_clusters: u64,
-    #[serde(rename = "fragmented-clusters", skip_serializing_if = "is_zero")]
-    fragmented_clusters: u64,
-    #[serde(rename = "compressed-clusters", skip_serializing_if = "is_zero")]
-    compressed_clusters: u64,
-    filename: &'a str,
-    format: &'a str,
-}
-
-fn is_zero(value: &u64) -> bool {
-    *value == 0
-}
-
-fn check(
-    format: Option<&str>,
-    repair: Option<RepairArg>,
-    output: Output,
-    quiet: bool,
-    file: &Path,
-) -> Result<u8> {
-    let name = file.display().to_string();
-    let format = match format {
-        Some(f) => f.to_string(),
-        None => probe(file)?,
-    };
-    if format != "qcow2" {
-        println!("This image format does not support checks");
-        return Ok(63);
-    }
-    let repair = match repair {
-        None => Repair::None,
-        Some(RepairArg::Leaks) => Repair::Leaks,
-        Some(RepairArg::All) => Repair::All,
-    };
-    let options = OpenOptions {
-        read_only: repair == Repair::None,
-        check_mode: true,
-        no_backing: true,
-        ..OpenOptions::default()
-    };
-    let report =
-        match Image::open(file, &options).and_then(|mut image| lib::check(&mut image, repair)) {
-            Ok(report) => report,
-            Err(e) => {
-                eprintln!("qcow: {name}: Check failed: {e}");
-                return Ok(1);
-            }
-        };
-    for message in &report.messages {
-        eprintln!("{message}");
-    }
-    if (report.leaks_fixed > 0 || report.corruptions_fixed > 0) && output == Output::Human && !quiet
-    {
-        println!(
-            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
-            report.leaks_fixed, report.corruptions_fixed
-        );
-    }
-    match output {
-        Output::Json => {
-            let json = CheckJson {
-                image_end_offset: report.image_end_offset,
-                total_clusters: report.total_clusters,
-                check_errors: report.check_errors,
-                leaks: report.leaks,
-                corruptions: report.corruptions,
-                leaks_fixed: report.leaks_fixed,
-                corruptions_fixed: report.corruptions_fixed,
-                allocated_clusters: report.allocated_clusters,
-                fragmented_clusters: report.fragmented_clusters,
-                compressed_clusters: report.compressed_clusters,
-                filename: &name,
-                format: "qcow2",
-            };
-            println!("{}", to_json(&json)?);
-        }
-        Output::Human if !quiet => print_human_check(&report),
-        Output::Human => {}
-    }
-    Ok(check_exit_code(&report))
-}
-
-fn check_exit_code(report: &CheckReport) -> u8 {
-    if report.corruptions > 0 {
-        2
-    } else if report.leaks > 0 {
-        3
-    } else if report.check_errors > 0 {
-        1
-    } else {
-        0
-    }
-}
-
-fn print_human_check(report: &CheckReport) {
-    if report.is_clean() {
-        println!("No errors were found on the image.");
-    } else {
-        if report.corruptions > 0 {
-            println!(
-                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
-                report.corruptions
-            );
-        }
-        if report.leaks > 0 {
-            println!(
-                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
-                report.leaks
-            );
-        }
-        if report.check_errors > 0 {
-            println!(
-                "\n{} internal errors have occurred during the check.",
-                report.check_errors
-            );
-        }
-    }
-    if report.total_clusters > 0 && report.allocated_clusters > 0 {
-        let allocated = report.allocated_clusters as f64;
-        println!(
-            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
-            report.allocated_clusters,
-            report.total_clusters,
-            allocated * 100.0 / report.total_clusters as f64,
-            report.fragmented_clusters as f64 * 100.0 / allocated,
-            report.compressed_clusters as f64 * 100.0 / allocated
-        );
-    }
-    if report.image_end_offset > 0 {
-        println!("Image end offset: {}", report.image_end_offset);
-    }
 }
 
 fn map(format: Option<&str>, output: Output, file: &Path) -> Result<u8> {
