@@ -224,7 +224,13 @@ impl<S: Storage> Image<S> {
         if !read_only && !options.check_mode {
             if image.header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 // Lazy refcounts (or a crash with them) left refcounts stale: rebuild from the tables.
-                crate::check::check(&mut image, crate::check::Repair::All)?;
+                let report = crate::check::check(&mut image, crate::check::Repair::All)?;
+                if report.corruptions > 0 || report.check_errors > 0 {
+                    return Err(Error::Corrupt(format!(
+                        "could not repair dirty image: {} corruptions remain",
+                        report.corruptions + report.check_errors
+                    )));
+                }
                 image.set_incompatible(image.header.incompatible_features & !INCOMPAT_DIRTY)?;
             }
             if image.header.autoclear_features != 0 {
