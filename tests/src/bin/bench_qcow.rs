@@ -158,7 +158,7 @@ fn main() -> Result<()> {
         workload(
             "4 KiB scattered writes, fresh image",
             true,
-            8_000,
+            5_000,
             4 * KIB,
             SCATTER_STEP,
             1,
@@ -167,7 +167,7 @@ fn main() -> Result<()> {
         workload(
             "4 KiB sequential writes, fresh image",
             true,
-            20_000,
+            15_000,
             4 * KIB,
             4 * KIB,
             1,
@@ -176,7 +176,7 @@ fn main() -> Result<()> {
         workload(
             "4 KiB scattered writes, fresh overlay on filled backing",
             true,
-            2_500,
+            2_000,
             4 * KIB,
             SCATTER_STEP,
             1,
@@ -185,7 +185,7 @@ fn main() -> Result<()> {
         workload(
             "4 KiB sequential writes, fresh overlay on filled backing",
             true,
-            20_000,
+            15_000,
             4 * KIB,
             4 * KIB,
             1,
@@ -197,7 +197,7 @@ fn main() -> Result<()> {
             SCATTER_FILLED,
             4 * KIB,
             SCATTER_STEP,
-            16,
+            6,
             ImageKind::Filled,
         ),
         workload(
@@ -206,7 +206,7 @@ fn main() -> Result<()> {
             SEQ_READ_DISK / MIB,
             MIB,
             MIB,
-            10,
+            6,
             ImageKind::SequentialQcow2,
         ),
     ];
@@ -511,6 +511,12 @@ fn qcow_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// "[0.123, 0.130]" with millisecond precision.
+fn seconds_list(all: &[f64]) -> String {
+    let items: Vec<String> = all.iter().map(|s| format!("{s:.3}")).collect();
+    format!("[{}]", items.join(", "))
+}
+
 fn markdown(
     bench: &Bench,
     rows: &[Row],
@@ -540,7 +546,7 @@ fn markdown(
         "Both tools run on the same files in one scratch directory. Write workloads get a fresh \
          image (made by qemu-img) per run; read workloads get one warm-up run first. \"Scattered\" \
          = qemu-img bench's step set to {} KiB over a {} GiB disk (qemu-img bench has no random \
-         mode), so each request hits a new cluster; scattered reads make 16 passes over the {} \
+         mode), so each request hits a new cluster; scattered reads make 6 passes over the {} \
          blocks written at those offsets. Cache mode writeback for both: qemu-img's default, and \
          `qcow bench` has no O_DIRECT, so both go through the page cache. Depth {}: `qcow bench` \
          issues one request at a time, so qemu-img gets the same depth; the qemu-img -d 64 column \
@@ -591,14 +597,17 @@ fn markdown(
     for row in rows {
         let _ = writeln!(
             md,
-            "- {}: qemu-img {:?}, qemu-img -d 64 {:?}, qcow {:?}",
-            row.workload.name, row.qemu.all, row.qemu_deep.all, row.qcow.all
+            "- {}: qemu-img {}, qemu-img -d 64 {}, qcow {}",
+            row.workload.name,
+            seconds_list(&row.qemu.all),
+            seconds_list(&row.qemu_deep.all),
+            seconds_list(&row.qcow.all)
         );
     }
     let _ = writeln!(
         md,
-        "- 1 MiB sequential reads of the raw file, qemu-img -f raw: {:?}",
-        raw.qemu.all
+        "- 1 MiB sequential reads of the raw file, qemu-img -f raw: {}",
+        seconds_list(&raw.qemu.all)
     );
     md
 }
