@@ -236,8 +236,8 @@ fn print_human_info(info: &ImageInfo) {
     if !info.snapshots.is_empty() {
         println!("Snapshot list:");
         println!(
-            "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
-            "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
         );
         for s in &info.snapshots {
             let clock = format!(
@@ -249,11 +249,11 @@ fn print_human_info(info: &ImageInfo) {
             );
             let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
             println!(
-                "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
+                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
                 s.id,
                 s.name,
                 human_size(s.vm_state_size),
-                s.date_sec,
+                utc_date(u64::from(s.date_sec)),
                 clock,
                 icount
             );
@@ -358,4 +358,38 @@ pub fn info(format: Option<&str>, output: Output, backing_chain: bool, file: &Pa
         }
     }
     Ok(0)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC (qemu-img prints local time; these machines run in UTC).
+fn utc_date(epoch_secs: u64) -> String {
+    let days = (epoch_secs / 86_400) as i64;
+    let secs = epoch_secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+
+    #[test]
+    fn formats_utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_date(1_795_970_054), "2026-11-29 16:34:14");
+    }
 }
