@@ -804,3 +804,87 @@ fn check_exit_codes_and_repairs_match_qemu_img() {
         );
     }
 }
+
+/// Hostile internal-snapshot entries (qemu-iotests 080 territory): every command either refuses
+/// the image with a message about the snapshot table, or opens it and `check` reports the damage;
+/// none may panic, hang or allocate what a size field claims.
+#[test]
+fn malformed_snapshot_entries_are_handled() {
+    if skip_without_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("snap-base.qcow2");
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        path.as_os_str(),
+        "4M".as_ref(),
+    ])
+    .ok();
+    qemu_io(&path, "qcow2", &["write -P 170 0 131072".into()]);
+    qemu_img(&[
+        "snapshot".as_ref(),
+        "-c".as_ref(),
+        "first".as_ref(),
+        path.as_os_str(),
+    ])
+    .ok();
+    qemu_io(&path, "qcow2", &["write -P 187 1048576 65536".into()]);
+    let bytes = std::fs::read(&path).expect("read base");
+    let table = get_be(&bytes, field::SNAPSHOTS_OFFSET, 8) as usize;
+    assert_eq!(get_be(&bytes, field::NB_SNAPSHOTS, 4), 1);
+    // Snapshot entry fields: L1 offset (0, 8 B), L1 size (8, 4 B), id length (12, 2 B),
+    // name length (14, 2 B), extra data size (36, 4 B).
+    let cases: [(&str, usize, usize, u64); 7] = [
+        ("snapshot-l1-unaligned", 0, 8, 0x30200),
+        ("snapshot-l1-past-eof", 0, 8, 0x40_0000_0000),
+        (
+            "snapshot-l1-offset-beyond-limit",
+            0,
+            8,
+            0xffff_ffff_ffff_0000,
+        ),
+        ("snapshot-l1-size-huge", 8, 4, 0x1000_0000),
+        ("snapshot-id-length-huge", 12, 2, 0xffff),
+        ("snapshot-name-length-huge", 14, 2, 0xffff),
+        ("snapshot-extra-data-huge", 36, 4, 0xffff_fff0),
+    ];
+    let mut failures = Vec::new();
+    for (name, offset, width, value) in cases {
+        let mut patched = bytes.clone();
+        put_be(&mut patched, table + offset, width, value);
+        let case_path = write_case(dir.path(), name, &patched);
+        let outcome = std::panic::catch_unwind(|| {
+            let info = qcow_run(&["info", "--output", "json"], &case_path);
+            assert_orderly(&info, name);
+            if info.success() {
+                // Opened: the damage must show in check, and the active data must be intact.
+                let check = qcow_run(&["check"], &case_path);
+                assert_orderly(&check, name);
+                assert_eq!(
+                    check.code,
+                    Some(2),
+                    "{name}: opened, so qcow check must report the damaged snapshot\n{}",
+                    check.describe()
+                );
+            } else {
+                assert_refused(&info, name, &["snapshot"]);
+                for args in [&["io", "-c", "read 0 512"][..], &["check"][..]] {
+                    let out = qcow_run(args, &case_path);
+                    assert_refused(
+                        &out,
+                        &format!("{name} (qcow {})", args.join(" ")),
+                        &["snapshot"],
+                    );
+                }
+            }
+        });
+        if let Err(panic) = outcome {
+            failures.push(panic_text(panic));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
