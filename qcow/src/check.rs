@@ -37,6 +37,9 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     pub fragmented_clusters: u64,
     pub compressed_clusters: u64,
+    /// Corruptions a full repair addresses (internal; qemu-img's notion of "fixed").
+    #[serde(skip)]
+    pub fixable_corruptions: u64,
     /// One line per finding, in qemu-img's wording.
     #[serde(skip)]
     pub messages: Vec<String>,
@@ -101,7 +104,12 @@ pub fn check<S: Storage>(image: &mut Image<S>, repair: Repair) -> Result<CheckRe
     }
     let mut second = run(image, Repair::None)?;
     second.leaks_fixed = first.leaks.saturating_sub(second.leaks);
-    second.corruptions_fixed = first.corruptions.saturating_sub(second.corruptions);
+    // Like qemu-img: fixed corruptions are the ones the repair addressed (COPIED flags judged
+    // against the repaired refcounts); `-r leaks` fixes no corruption.
+    second.corruptions_fixed = match repair {
+        Repair::All => first.fixable_corruptions.min(first.corruptions),
+        _ => 0,
+    };
     let mut messages = first.messages;
     messages.append(&mut second.messages);
     second.messages = messages;
@@ -196,6 +204,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                     "ERROR l2_offset={l2_offset:#x}: L2 table is not cluster aligned; L1 entry corrupted"
                 ));
                 if active && repair == Repair::All {
+                    walk.report.fixable_corruptions += 1;
                     walk.fixes.push(Fix::Entry {
                         at: l1_offset + index as u64 * 8,
                         value: 0,
@@ -205,6 +214,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
             }
             if !walk.reference(l2_offset, cluster_size, times, "L2 table") {
                 if active && repair == Repair::All {
+                    walk.report.fixable_corruptions += 1;
                     walk.fixes.push(Fix::Entry {
                         at: l1_offset + index as u64 * 8,
                         value: 0,
@@ -230,6 +240,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                         entry & OFFSET_MASK
                     ));
                     if repair == Repair::All {
+                        walk.report.fixable_corruptions += 1;
                         walk.fixes.push(Fix::Entry { at, value: 0 });
                     }
                     continue;
@@ -238,6 +249,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
             if entry & COMPRESSED != 0 && entry & COPIED != 0 {
                 walk.corruption(format!("ERROR: compressed cluster {index} in L2 table {l2_offset:#x} has OFLAG_COPIED set"));
                 if repair == Repair::All {
+                    walk.report.fixable_corruptions += 1;
                     walk.fixes.push(Fix::Entry {
                         at,
                         value: entry & !COPIED,
@@ -247,6 +259,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
             if let Some((host, len)) = mapping.host_range(cluster_size) {
                 if !walk.reference(host, len, uses, "data cluster") {
                     if repair == Repair::All {
+                        walk.report.fixable_corruptions += 1;
                         walk.fixes.push(Fix::Entry { at, value: 0 });
                     }
                     continue;
@@ -349,6 +362,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
             walk.corruption(format!(
                 "ERROR cluster {cluster} refcount={stored} reference={computed}"
             ));
+            walk.report.fixable_corruptions += 1;
         }
         mismatched.push((cluster, stored, computed));
     }
@@ -375,6 +389,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
             } else {
                 entry & !COPIED
             };
+            walk.report.fixable_corruptions += 1;
             walk.fixes.push(Fix::Entry {
                 at: l1_offset + index as u64 * 8,
                 value,
@@ -419,6 +434,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                 } else {
                     l2_entry & !COPIED
                 };
+                walk.report.fixable_corruptions += 1;
                 walk.fixes.push(Fix::Entry {
                     at: l2_offset + l2_index as u64 * 8,
                     value,
@@ -447,6 +463,9 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                 return run_depth(image, Repair::All, depth + 1).map(|mut again| {
                     again.corruptions = again.corruptions.max(walk.report.corruptions);
                     again.leaks = again.leaks.max(walk.report.leaks);
+                    again.fixable_corruptions = again
+                        .fixable_corruptions
+                        .max(walk.report.fixable_corruptions);
                     again.messages.splice(0..0, walk.report.messages.drain(..));
                     again
                 });

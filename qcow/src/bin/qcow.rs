@@ -420,7 +420,27 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String> {
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
     value.serialize(&mut serializer)?;
-    Ok(String::from_utf8(out)?)
+    let text = String::from_utf8(out)?;
+    // qemu prints empty arrays and objects over two lines.
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            let (body, comma) = match line.strip_suffix(',') {
+                Some(body) => (body, ","),
+                None => (line, ""),
+            };
+            match body.strip_suffix("[]").or_else(|| body.strip_suffix("{}")) {
+                Some(head) if !head.ends_with('"') => {
+                    let close = if body.ends_with("[]") { ']' } else { '}' };
+                    let open = if close == ']' { '[' } else { '{' };
+                    format!("{head}{open}\n{indent}{close}{comma}")
+                }
+                _ => line.to_string(),
+            }
+        })
+        .collect();
+    Ok(lines.join("\n"))
 }
 
 fn map(format: Option<&str>, output: Output, file: &Path) -> Result<u8> {

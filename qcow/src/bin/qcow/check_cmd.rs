@@ -11,29 +11,30 @@ use crate::{to_json, Output, RepairArg};
 use lib::{CheckReport, Image, OpenOptions, Repair};
 
 #[derive(Serialize)]
+/// Field order follows qemu-img's output (its dictionary's hash order).
 struct CheckJson<'a> {
     #[serde(rename = "image-end-offset", skip_serializing_if = "is_zero")]
     image_end_offset: u64,
+    #[serde(rename = "compressed-clusters", skip_serializing_if = "is_zero")]
+    compressed_clusters: u64,
     #[serde(rename = "total-clusters", skip_serializing_if = "is_zero")]
     total_clusters: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    corruptions: u64,
+    #[serde(rename = "corruptions-fixed", skip_serializing_if = "is_zero")]
+    corruptions_fixed: u64,
     #[serde(rename = "check-errors")]
     check_errors: u64,
     #[serde(skip_serializing_if = "is_zero")]
     leaks: u64,
-    #[serde(skip_serializing_if = "is_zero")]
-    corruptions: u64,
     #[serde(rename = "leaks-fixed", skip_serializing_if = "is_zero")]
     leaks_fixed: u64,
-    #[serde(rename = "corruptions-fixed", skip_serializing_if = "is_zero")]
-    corruptions_fixed: u64,
     #[serde(rename = "allocated-clusters", skip_serializing_if = "is_zero")]
     allocated_clusters: u64,
-    #[serde(rename = "fragmented-clusters", skip_serializing_if = "is_zero")]
-    fragmented_clusters: u64,
-    #[serde(rename = "compressed-clusters", skip_serializing_if = "is_zero")]
-    compressed_clusters: u64,
     filename: &'a str,
     format: &'a str,
+    #[serde(rename = "fragmented-clusters", skip_serializing_if = "is_zero")]
+    fragmented_clusters: u64,
 }
 
 fn is_zero(value: &u64) -> bool {
