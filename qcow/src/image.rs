@@ -440,6 +440,15 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    fn write_host(&mut self, buf: &[u8], host: u64) -> Result<()> {
+        self.file
+            .write_at(buf, host)
+            .map_err(|source| Error::WriteData {
+                offset: host,
+                source,
+            })
+    }
+
     fn read_host(&mut self, buf: &mut [u8], host: u64) -> Result<()> {
         self.file
             .read_at(buf, host)
@@ -520,14 +529,59 @@ impl<S: Storage> Image<S> {
         self.check_writable()?;
         self.check_range(offset, buf.len())?;
         let mut done = 0usize;
+        // Clusters that can be overwritten in place and lie back to back on the host are written
+        // with one call: (host offset, buffer start, length).
+        let mut run: Option<(u64, usize, usize)> = None;
         while done < buf.len() {
             let guest = offset + done as u64;
             let in_cluster = guest & (self.cluster_size - 1);
             let n = ((self.cluster_size - in_cluster) as usize).min(buf.len() - done);
-            self.write_cluster(guest, Some(&buf[done..done + n]), n)?;
+            if let Mapping::Normal { host, copied: true } = self.mapping(guest)? {
+                self.check_in_place(host)?;
+                let host = host + in_cluster;
+                run = match run {
+                    Some((start, at, len)) if start + len as u64 == host => {
+                        Some((start, at, len + n))
+                    }
+                    Some((start, at, len)) => {
+                        self.write_host(&buf[at..at + len], start)?;
+                        Some((host, done, n))
+                    }
+                    None => Some((host, done, n)),
+                };
+            } else {
+                if let Some((start, at, len)) = run.take() {
+                    self.write_host(&buf[at..at + len], start)?;
+                }
+                self.write_cluster(guest, Some(&buf[done..done + n]), n)?;
+            }
             done += n;
         }
+        if let Some((start, at, len)) = run {
+            self.write_host(&buf[at..at + len], start)?;
+        }
         self.bound_pending()
+    }
+
+    /// Refuses in-place writes to a data cluster that overlaps metadata or lies past the file.
+    fn check_in_place(&mut self, host: u64) -> Result<()> {
+        if self.refcounts.overlaps_protected(host) {
+            return Err(Error::Corrupt(format!(
+                "L2 entry points at metadata (host offset {host:#x})"
+            )));
+        }
+        if host >= self.known_len {
+            self.known_len = self.file.len().map_err(|source| Error::WriteData {
+                offset: host,
+                source,
+            })?;
+            if host >= self.known_len {
+                return Err(Error::Corrupt(format!(
+                    "L2 entry points past the end of the file (host offset {host:#x})"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn bound_pending(&mut self) -> Result<()> {
@@ -608,22 +662,7 @@ impl<S: Storage> Image<S> {
         let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
         let mapping = Mapping::decode(entry, self.cluster_bits)?;
         if let Mapping::Normal { host, copied: true } = mapping {
-            if self.refcounts.overlaps_protected(host) {
-                return Err(Error::Corrupt(format!(
-                    "L2 entry points at metadata (host offset {host:#x})"
-                )));
-            }
-            if host >= self.known_len {
-                self.known_len = self.file.len().map_err(|source| Error::WriteData {
-                    offset: host,
-                    source,
-                })?;
-                if host >= self.known_len {
-                    return Err(Error::Corrupt(format!(
-                        "L2 entry points past the end of the file (host offset {host:#x})"
-                    )));
-                }
-            }
+            self.check_in_place(host)?;
             let at = host + in_cluster;
             return match data {
                 Some(data) => self.file.write_at(data, at),
