@@ -1,5 +1,6 @@
 //! Every bad flag or guest file gives `cowvm run` a clear error, exit status 1 (2 for flags
 //! clap cannot parse), and never a panic.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use cowvm_tests::vmm_harness::{assert_error, cowvm, elf_image, kvm_usable, stderr, write_file};
 

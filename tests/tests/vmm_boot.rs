@@ -1,6 +1,7 @@
 //! `cowvm run` boots real KVM guests: the built-in guest's digest equals the host oracle's for
 //! several vCPU counts and argument sets; exit statuses, serial files, ELF guests and
 //! misbehaving guests behave as documented.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use cowvm_guest_abi::workload::expected_digest;
 use cowvm_guest_abi::WorkloadArgs;

@@ -3,6 +3,7 @@
 //! Data flows one way: CLI → [`config::VmConfig`] → [`builder::build`] → vCPU threads ⇄
 //! [`devices::Bus`] ⇄ devices.
 
+pub mod api;
 pub mod boot;
 pub mod builder;
 pub mod config;
@@ -11,5 +12,6 @@ pub mod kvm;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

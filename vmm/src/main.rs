@@ -4,8 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use std::time::Instant;
 use vmm::config::{parse_size, GuestImage, SerialOutput, VmConfig, DEFAULT_MEM_SIZE};
+
+use vmm::api::ApiRequest;
+use vmm::builder::RestoreOptions;
 use vmm::devices::serial::FIRST_ACCESS_AT;
+use vmm::snapshot::state::SnapshotKind;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +27,70 @@ struct Cli {
 enum Command {
     /// Boot a guest (the built-in tiny guest by default) and exit with its status.
     Run(RunArgs),
+    /// Restore a snapshot directory (following its diff chain) and run it to the end.
+    Restore(RestoreArgs),
+    /// Pause a running VM.
+    Pause(SocketArg),
+    /// Resume a paused VM.
+    Resume(SocketArg),
+    /// Print a running VM's statistics as JSON.
+    Stats(SocketArg),
+    /// Stop a running VM (it exits with status 0).
+    Shutdown(SocketArg),
+    /// Create, merge and inspect snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct SocketArg {
+    /// The VM's control socket (`--api-socket` of `cowvm run`/`restore`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Snapshot a running VM into DIR (which must not exist or be empty).
+    Create {
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        /// Store only the pages written since the VM's previous snapshot.
+        #[arg(long)]
+        diff: bool,
+        dir: PathBuf,
+    },
+    /// Squash a diff chain into one full snapshot (in place, or into --output).
+    Merge {
+        dir: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        output: Option<PathBuf>,
+    },
+    /// Check a snapshot and print what it holds.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    dir: PathBuf,
+    /// Serve the control socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Copy guest memory from the snapshot instead of mapping it copy-on-write.
+    #[arg(long)]
+    eager: bool,
+    /// Write the guest's serial output to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    serial: Option<PathBuf>,
+    /// Print restore timings to stderr when the VM stops.
+    #[arg(long)]
+    timings: bool,
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    kvm_device: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +113,9 @@ struct RunArgs {
     /// Print start-up timings to stderr when the VM stops.
     #[arg(long)]
     timings: bool,
+    /// Serve the control socket (pause, resume, snapshot, stats, shutdown) at PATH.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     kvm_device: PathBuf,
@@ -54,7 +126,7 @@ fn parse_size_arg(text: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -65,6 +137,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, started),
+        Command::Restore(args) => restore(args, started),
+        Command::Pause(s) => control(&s.api_socket, ApiRequest::Pause),
+        Command::Resume(s) => control(&s.api_socket, ApiRequest::Resume),
+        Command::Stats(s) => control(&s.api_socket, ApiRequest::Stats),
+        Command::Shutdown(s) => control(&s.api_socket, ApiRequest::Shutdown),
+        Command::Snapshot(command) => snapshot(command),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -76,7 +154,78 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs, started: std::time::Instant) -> anyhow::Result<u8> {
+fn control(socket: &std::path::Path, request: ApiRequest) -> anyhow::Result<u8> {
+    let reply = vmm::api::request(socket, &request)?;
+    match request {
+        ApiRequest::Stats => println!("{}", serde_json::to_string_pretty(&reply)?),
+        _ => println!("{}", reply["state"].as_str().unwrap_or("ok")),
+    }
+    Ok(0)
+}
+
+fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
+    match command {
+        SnapshotCommand::Create {
+            api_socket,
+            diff,
+            dir,
+        } => {
+            let path = std::path::absolute(&dir)?;
+            let kind = if diff {
+                SnapshotKind::Diff
+            } else {
+                SnapshotKind::Full
+            };
+            let request = ApiRequest::Snapshot {
+                path: path.display().to_string(),
+                kind,
+            };
+            let reply = vmm::api::request(&api_socket, &request)?;
+            println!(
+                "snapshot {}: {} pages stored, guest paused {:.3} ms",
+                dir.display(),
+                reply["pages_stored"],
+                reply["paused_us"].as_f64().unwrap_or(0.0) / 1000.0
+            );
+        }
+        SnapshotCommand::Merge { dir, output } => {
+            let merged = vmm::snapshot::merge(&dir, output.as_deref())?;
+            println!(
+                "merged into full snapshot {}: {} pages stored",
+                merged.dir.display(),
+                merged.state.memory.pages_stored
+            );
+        }
+        SnapshotCommand::Inspect { dir, json } => {
+            let report = vmm::snapshot::inspect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("snapshot:     {}", report.path);
+                println!("kind:         {:?}", report.kind);
+                println!(
+                    "parent:       {}",
+                    report.parent.as_deref().unwrap_or("none")
+                );
+                println!("chain length: {}", report.chain_length);
+                println!("RAM size:     {} bytes", report.mem_size);
+                println!("vCPUs:        {}", report.vcpus);
+                println!(
+                    "pages stored: {} ({} allocated on disk)",
+                    report.pages_stored, report.pages_allocated_on_disk
+                );
+                println!("state crc32:  {}", report.state_crc32);
+                println!(
+                    "checks:       {} (magic, version, checksums, parents, memory sizes)",
+                    report.checks
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn run(args: RunArgs, started: Instant) -> anyhow::Result<u8> {
     let config = VmConfig {
         mem_size: args.mem.parse()?,
         vcpus: args.vcpus,
@@ -86,8 +235,46 @@ fn run(args: RunArgs, started: std::time::Instant) -> anyhow::Result<u8> {
         kvm_device: args.kvm_device,
     };
     let mut machine = vmm::builder::build(&config)?;
-    let status = machine.wait();
+    run_machine(
+        &mut machine,
+        args.api_socket.as_deref(),
+        args.timings,
+        started,
+    )
+}
+
+fn restore(args: RestoreArgs, started: Instant) -> anyhow::Result<u8> {
+    let options = RestoreOptions {
+        eager: args.eager,
+        serial: args.serial.map_or(SerialOutput::Stdout, SerialOutput::File),
+        kvm_device: args.kvm_device,
+    };
+    let restore_started = Instant::now();
+    let mut machine = vmm::builder::restore(&args.dir, &options)?;
     if args.timings {
+        // VMM-side restore (read state, map memory, create the VM, load vCPUs, start them)
+        // and process start → guest running.
+        eprintln!(
+            "timings: vmm_restore_us={:.0} process_start_to_running_us={:.0}",
+            restore_started.elapsed().as_secs_f64() * 1e6,
+            started.elapsed().as_secs_f64() * 1e6
+        );
+    }
+    run_machine(&mut machine, args.api_socket.as_deref(), false, started)
+}
+
+fn run_machine(
+    machine: &mut vmm::machine::Machine,
+    api_socket: Option<&std::path::Path>,
+    timings: bool,
+    started: Instant,
+) -> anyhow::Result<u8> {
+    let _server = match api_socket {
+        Some(path) => Some(vmm::api::serve(path, machine.event_sender())?),
+        None => None,
+    };
+    let status = machine.wait();
+    if timings {
         let created = machine.created_at;
         let micros = |d: std::time::Duration| d.as_secs_f64() * 1e6;
         let first = FIRST_ACCESS_AT

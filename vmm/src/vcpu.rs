@@ -9,12 +9,14 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_regs, kvm_sregs, CpuId};
+use crate::snapshot::state::FpuState;
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot;
 use crate::devices::{Bus, VcpuAction};
+use crate::snapshot::state::VcpuState;
 
 /// How long the VMM waits for a vCPU to acknowledge a pause or resume.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +30,8 @@ pub enum VmEvent {
     VcpuHalted(u32),
     /// A vCPU stopped with an error (triple fault, unexpected exit, failed ioctl).
     VcpuFailed(u32, VcpuError),
+    /// A control-socket request and where to send the reply.
+    Api(crate::api::ApiRequest, Sender<serde_json::Value>),
 }
 
 /// A message to a vCPU thread.
@@ -35,8 +39,31 @@ pub enum VmEvent {
 pub enum VcpuRequest {
     Pause,
     Resume,
+    /// Save the vCPU's state (only while paused or finished).
+    SaveState,
     Stop,
 }
+
+/// A vCPU thread's answer to a request.
+#[derive(Debug)]
+pub enum VcpuResponse {
+    /// The state after a pause or resume.
+    State(RunState),
+    Saved(Box<Result<VcpuState, VcpuError>>),
+}
+
+/// MSRs saved with a vCPU (the guest uses none of the others). KVM stops reading at the first
+/// one the host does not support; only those read are saved and restored.
+const SAVED_MSRS: [u32; 8] = [
+    0x10,        // IA32_TSC
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
 
 /// The state of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +108,16 @@ pub enum VcpuError {
     NoResponse { index: u32, request: VcpuRequest },
     #[error("the thread of vCPU {index} is gone")]
     ThreadGone { index: u32 },
+    #[error("vCPU {index} must be paused to save its state")]
+    NotPaused { index: u32 },
+    #[error("vCPU {index}: the saved state has a bad {what}")]
+    BadState { index: u32, what: &'static str },
+    #[error("vCPU {index}: KVM_SET_MSRS set {set} of {wanted} MSRs")]
+    PartialMsrs {
+        index: u32,
+        set: usize,
+        wanted: usize,
+    },
 }
 
 /// What the run loop does after an exit.
@@ -256,6 +293,113 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Reads the vCPU's state in Firecracker's order.
+    ///
+    /// Ordering: MP state first (reading it can change pending LAPIC events), vCPU events last.
+    /// State a host does not support (e.g. XSAVE under some nested hypervisors) is left out and
+    /// skipped on restore.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let mp_state = self.optional("KVM_GET_MP_STATE", self.fd.get_mp_state());
+        let regs = self.ioctl("KVM_GET_REGS", self.fd.get_regs())?;
+        let sregs = self.ioctl("KVM_GET_SREGS", self.fd.get_sregs())?;
+        let xsave = self.optional("KVM_GET_XSAVE", self.fd.get_xsave());
+        let fpu = match xsave {
+            Some(_) => None,
+            None => Some(FpuState::from(
+                &self.ioctl("KVM_GET_FPU", self.fd.get_fpu())?,
+            )),
+        };
+        let xcrs = self.optional("KVM_GET_XCRS", self.fd.get_xcrs());
+        let debug_regs = self.optional("KVM_GET_DEBUGREGS", self.fd.get_debug_regs());
+        let cpuid = self.ioctl("KVM_GET_CPUID2", self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES))?;
+        let cpuid = cpuid.as_slice().to_vec();
+        let entries: Vec<kvm_msr_entry> = SAVED_MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::PartialMsrs {
+            index: self.index,
+            set: 0,
+            wanted: entries.len(),
+        })?;
+        let read = self.ioctl("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
+        let msrs = msrs.as_slice()[..read].to_vec();
+        let vcpu_events = self.optional("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events());
+        Ok(VcpuState {
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            fpu,
+            xcrs,
+            debug_regs,
+            cpuid,
+            msrs,
+            vcpu_events,
+        })
+    }
+
+    fn optional<T>(&self, op: &'static str, result: Result<T, kvm_ioctls::Error>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(e) => {
+                tracing::debug!("vCPU {}: {op} unavailable: {e}", self.index);
+                None
+            }
+        }
+    }
+
+    /// Loads a saved state into this (new, not yet running) vCPU.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        // Ordering (Firecracker's, with its reasons): CPUID before anything that depends on
+        // features; REGS before VCPU_EVENTS because SET_REGS clears pending exceptions; SREGS
+        // before MSRs; VCPU_EVENTS last.
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::BadState {
+            index: self.index,
+            what: "CPUID entry count",
+        })?;
+        self.ioctl("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))?;
+        if let Some(mp_state) = state.mp_state {
+            self.ioctl("KVM_SET_MP_STATE", self.fd.set_mp_state(mp_state))?;
+        }
+        self.ioctl("KVM_SET_REGS", self.fd.set_regs(&state.regs))?;
+        self.ioctl("KVM_SET_SREGS", self.fd.set_sregs(&state.sregs))?;
+        if let Some(xsave) = &state.xsave {
+            // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU with the same CPUID, so it
+            // is a well-formed legacy-size XSAVE area.
+            self.ioctl("KVM_SET_XSAVE", unsafe { self.fd.set_xsave(xsave) })?;
+        }
+        if let Some(fpu) = &state.fpu {
+            self.ioctl("KVM_SET_FPU", self.fd.set_fpu(&fpu.into()))?;
+        }
+        if let Some(xcrs) = &state.xcrs {
+            self.ioctl("KVM_SET_XCRS", self.fd.set_xcrs(xcrs))?;
+        }
+        if let Some(debug_regs) = &state.debug_regs {
+            self.ioctl("KVM_SET_DEBUGREGS", self.fd.set_debug_regs(debug_regs))?;
+        }
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::BadState {
+            index: self.index,
+            what: "MSR count",
+        })?;
+        let wanted = state.msrs.len();
+        let set = self.ioctl("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        if set != wanted {
+            return Err(VcpuError::PartialMsrs {
+                index: self.index,
+                set,
+                wanted,
+            });
+        }
+        if let Some(events) = &state.vcpu_events {
+            self.ioctl("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(events))?;
+        }
+        Ok(())
+    }
+
     /// KVM's sub-error code and data words of the last `KVM_EXIT_INTERNAL_ERROR`.
     fn internal_error_details(&mut self) -> String {
         // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
@@ -302,7 +446,7 @@ impl Vcpu {
         mut self,
         mut state: RunState,
         requests: Receiver<VcpuRequest>,
-        responses: Sender<RunState>,
+        responses: Sender<VcpuResponse>,
     ) {
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|flag| flag.set(immediate_exit));
@@ -321,10 +465,17 @@ impl Vcpu {
             };
             match request {
                 Some(VcpuRequest::Stop) => break,
+                Some(VcpuRequest::SaveState) => {
+                    let saved = match state {
+                        RunState::Running => Err(VcpuError::NotPaused { index: self.index }),
+                        _ => self.save_state(),
+                    };
+                    let _ = responses.send(VcpuResponse::Saved(Box::new(saved)));
+                }
                 Some(request) => {
                     state = self.transition(state, request);
                     // The VMM may have given up waiting; nothing else to tell it then.
-                    let _ = responses.send(state);
+                    let _ = responses.send(VcpuResponse::State(state));
                 }
                 None => state = self.run_once(),
             }
@@ -410,7 +561,7 @@ impl Vcpu {
 pub struct VcpuHandle {
     index: u32,
     requests: Sender<VcpuRequest>,
-    responses: Receiver<RunState>,
+    responses: Receiver<VcpuResponse>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -433,8 +584,8 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Waits for the state the thread reports after a request.
-    pub fn wait_response(&self, request: VcpuRequest) -> Result<RunState, VcpuError> {
+    /// Waits for the thread's answer to a request.
+    pub fn wait_response(&self, request: VcpuRequest) -> Result<VcpuResponse, VcpuError> {
         self.responses
             .recv_timeout(RESPONSE_TIMEOUT)
             .map_err(|e| match e {

@@ -3,7 +3,7 @@
 //! Creating the VM, registering memory and loading state are separate steps so that later code
 //! (restore, clone pools) can do them at different times.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -19,6 +19,12 @@ pub enum VmError {
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
     SetTssAddress(#[source] kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG for slot {slot} failed: {source}")]
+    GetDirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} ({size} bytes at {guest_addr:#x}) failed: {source}")]
     SetMemoryRegion {
         slot: u32,
@@ -55,7 +61,8 @@ impl Vm {
             let size = region.len();
             let descriptor = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                // Dirty logging is always on: diff snapshots need it from the first write.
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: guest_addr,
                 memory_size: size,
                 userspace_addr: region.as_ptr() as u64,
@@ -73,6 +80,30 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// Takes KVM's dirty-page bitmap of every slot (which clears it): one bit per page in
+    /// snapshot-file order (slot 0's pages, then slot 1's).
+    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>, VmError> {
+        let total_pages: u64 = self.memory.iter().map(|r| r.len() / 4096).sum();
+        let mut bitmap = vec![0u64; total_pages.div_ceil(64) as usize];
+        let mut first_page = 0u64;
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = slot as u32;
+            let pages = region.len() / 4096;
+            let log = self
+                .fd
+                .get_dirty_log(slot, region.len() as usize)
+                .map_err(|source| VmError::GetDirtyLog { slot, source })?;
+            for page in 0..pages {
+                if log[(page / 64) as usize] >> (page % 64) & 1 == 1 {
+                    let at = first_page + page;
+                    bitmap[(at / 64) as usize] |= 1 << (at % 64);
+                }
+            }
+            first_page += pages;
+        }
+        Ok(bitmap)
     }
 
     pub fn fd(&self) -> &VmFd {

@@ -7,6 +7,7 @@ use std::time::Instant;
 use vm_superio::{serial::NoEvents, Serial, Trigger};
 
 use super::{BusDevice, VcpuAction};
+use crate::snapshot::state::SerialState;
 
 /// The serial interrupt line: the guest polls, so there is nothing to trigger.
 #[derive(Debug)]
@@ -39,6 +40,21 @@ impl SerialDevice {
         Self {
             uart: Serial::new(NoInterrupt, out),
         }
+    }
+
+    /// Restores the UART registers saved in a snapshot.
+    pub fn from_state(state: &SerialState, out: Box<dyn Write + Send>) -> Self {
+        let state = vm_superio::serial::SerialState::from(state);
+        match Serial::from_state(&state, NoInterrupt, NoEvents, out) {
+            Ok(uart) => Self { uart },
+            // Only an over-long input buffer is refused; the guest never reads input.
+            Err(_) => Self::new(Box::new(std::io::sink())),
+        }
+    }
+
+    /// The UART registers, for a snapshot.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
     }
 }
 

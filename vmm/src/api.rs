@@ -1,0 +1,246 @@
+//! The control socket: one JSON request per line on a Unix socket, one JSON reply per line.
+//!
+//! Requests (`cmd` tag): `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
+//! `{"cmd":"shutdown"}`, `{"cmd":"snapshot","path":"DIR","kind":"full"|"diff"}`.
+//! Replies: `{"ok":true, …}` or `{"ok":false,"error":"…"}`. The server thread only parses and
+//! forwards: every request is carried out by the VMM thread's event loop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::snapshot::state::SnapshotKind;
+use crate::vcpu::VmEvent;
+
+/// A control request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum ApiRequest {
+    Pause,
+    Resume,
+    Stats,
+    Shutdown,
+    Snapshot {
+        path: String,
+        #[serde(default = "full")]
+        kind: SnapshotKind,
+    },
+}
+
+fn full() -> SnapshotKind {
+    SnapshotKind::Full
+}
+
+/// The socket could not be served or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("another VM is already serving the API socket {0}; choose another path")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; remove it or choose another path")]
+    NotASocket(PathBuf),
+    #[error("cannot serve the API socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no VM is serving {path} (it has exited or was never started): {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM at {path} closed the connection without a reply (it may have exited)")]
+    NoReply { path: PathBuf },
+    #[error("talking to the VM at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM at {path} sent a reply that is not JSON: {source}")]
+    BadReply {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A bound socket; the file is removed when this is dropped.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` (mode 0600) and serves it on a thread that forwards requests to `events`.
+pub fn serve(path: &Path, events: Sender<VmEvent>) -> Result<ApiServer, ApiError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_owned()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_owned()));
+        }
+        // A socket nobody listens on: left by a VM that was killed.
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ApiError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let events = events.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || serve_connection(stream, &events));
+            }
+        })
+        .map_err(bind_err)?;
+    Ok(ApiServer {
+        path: path.to_owned(),
+    })
+}
+
+fn serve_connection(stream: UnixStream, events: &Sender<VmEvent>) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else {
+            return;
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<ApiRequest>(&line) {
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            Ok(request) => {
+                let (reply_tx, reply_rx) = mpsc::channel();
+                if events.send(VmEvent::Api(request, reply_tx)).is_err() {
+                    json!({"ok": false, "error": "the VM is shutting down"})
+                } else {
+                    reply_rx
+                        .recv()
+                        .unwrap_or_else(|_| json!({"ok": false, "error": "the VM stopped"}))
+                }
+            }
+        };
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends one request to the VM at `path` and returns its reply (an `ok: false` reply becomes
+/// [`ApiError::Refused`]).
+pub fn request(path: &Path, request: &ApiRequest) -> Result<Value, ApiError> {
+    let io_err = |source| ApiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let line = serde_json::to_string(request).map_err(|e| ApiError::Refused(e.to_string()))?;
+    writeln!(stream, "{line}").map_err(io_err)?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(io_err)?;
+    if reply.is_empty() {
+        return Err(ApiError::NoReply {
+            path: path.to_owned(),
+        });
+    }
+    let value: Value = serde_json::from_str(&reply).map_err(|source| ApiError::BadReply {
+        path: path.to_owned(),
+        source,
+    })?;
+    if value["ok"] == Value::Bool(true) {
+        Ok(value)
+    } else {
+        Err(ApiError::Refused(
+            value["error"]
+                .as_str()
+                .unwrap_or("request refused")
+                .to_string(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_use_the_documented_json() {
+        let snapshot: ApiRequest =
+            serde_json::from_str(r#"{"cmd":"snapshot","path":"/s"}"#).unwrap();
+        assert_eq!(
+            snapshot,
+            ApiRequest::Snapshot {
+                path: "/s".into(),
+                kind: SnapshotKind::Full
+            }
+        );
+        let diff: ApiRequest =
+            serde_json::from_str(r#"{"cmd":"snapshot","path":"/s","kind":"diff"}"#).unwrap();
+        assert_eq!(
+            diff,
+            ApiRequest::Snapshot {
+                path: "/s".into(),
+                kind: SnapshotKind::Diff
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&ApiRequest::Pause).unwrap(),
+            r#"{"cmd":"pause"}"#
+        );
+        assert!(serde_json::from_str::<ApiRequest>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn socket_round_trip_mode_and_second_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (tx, rx) = mpsc::channel();
+        let server = serve(&path, tx.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(serve(&path, tx), Err(ApiError::InUse(_))));
+        let vmm = std::thread::spawn(move || {
+            if let Ok(VmEvent::Api(ApiRequest::Stats, reply)) = rx.recv() {
+                let _ = reply.send(json!({"ok": true, "state": "running"}));
+            }
+        });
+        let reply = request(&path, &ApiRequest::Stats).unwrap();
+        assert_eq!(reply["state"], "running");
+        vmm.join().unwrap();
+        drop(server);
+        assert!(!path.exists(), "socket removed on drop");
+        assert!(matches!(
+            request(&path, &ApiRequest::Stats),
+            Err(ApiError::Connect { .. })
+        ));
+    }
+}
