@@ -221,6 +221,9 @@ impl DiskOp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskModel {
     pub bytes: Vec<u8>,
+    /// For a v2 overlay: what a discarded cluster shows again (its backing bytes, zero past the
+    /// backing file's end). v2 has no zero flag, so qemu unmaps the cluster.
+    pub discard_shows: Option<Vec<u8>>,
 }
 
 impl DiskModel {
@@ -228,6 +231,7 @@ impl DiskModel {
     pub fn zeroed(size: u64) -> Self {
         DiskModel {
             bytes: vec![0; size as usize],
+            discard_shows: None,
         }
     }
 
@@ -235,16 +239,31 @@ impl DiskModel {
     pub fn over(backing: &DiskModel, size: u64) -> Self {
         let mut bytes = backing.bytes.clone();
         bytes.resize(size as usize, 0);
-        DiskModel { bytes }
+        DiskModel {
+            bytes,
+            discard_shows: None,
+        }
+    }
+
+    /// A v2 overlay over `backing`: whole-cluster discards show the backing data again.
+    pub fn over_v2(backing: &DiskModel, size: u64) -> Self {
+        let mut model = DiskModel::over(backing, size);
+        model.discard_shows = Some(model.bytes.clone());
+        model
     }
 
     pub fn size(&self) -> u64 {
         self.bytes.len() as u64
     }
 
-    /// Applies `op`; a discard reads back as zeros (qemu's behaviour for whole clusters of a v3 image,
-    /// and for whole clusters without a backing file).
+    /// Applies `op`; a discard of whole clusters reads back as zeros (qemu: v3 images, and any image
+    /// without a backing file) or, in a v2 overlay, as the backing data.
     pub fn apply(&mut self, op: &DiskOp) {
+        if let (DiskOp::Discard { offset, len }, Some(shows)) = (op, &self.discard_shows) {
+            let range = *offset as usize..(*offset + *len) as usize;
+            self.bytes[range.clone()].copy_from_slice(&shows[range]);
+            return;
+        }
         let (offset, len, value) = match *op {
             DiskOp::Write {
                 offset,

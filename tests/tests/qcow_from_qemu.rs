@@ -170,9 +170,8 @@ fn backing_chains_of_depth_three_read_back_identically() {
         mid_size,
         Some(("base.raw", "raw")),
     );
-    let mut mid_model = DiskModel::over(&base_model, mid_size);
-    // v2 overlays keep backing data under a discard, so no discards here (see DiskModel::apply).
-    let ops = random_ops(&mut rng, 30, mid_size, 4 * KIB, 64 * KIB, true, false);
+    let mut mid_model = DiskModel::over_v2(&base_model, mid_size);
+    let ops = random_ops(&mut rng, 30, mid_size, 4 * KIB, 64 * KIB, true, true);
     qemu_apply(&mid, &mut mid_model, &ops);
     verify(&mid, &mid_model, "chain A mid (v2 over raw)");
 

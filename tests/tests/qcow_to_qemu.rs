@@ -303,9 +303,8 @@ fn qcow_overlays_on_qemu_and_qcow_backing_files() {
         Some(&size.to_string()),
         Some(("base.raw", "raw")),
     );
-    let mut model = DiskModel::over(&base_model, size);
-    // v2 overlays keep the backing data under a discard, so this one has no discards.
-    let ops = random_ops(&mut rng, 40, size, 4 * KIB, 64 * KIB, true, false);
+    let mut model = DiskModel::over_v2(&base_model, size);
+    let ops = random_ops(&mut rng, 40, size, 4 * KIB, 64 * KIB, true, true);
     qcow_apply(
         &overlay,
         &mut model,
