@@ -335,7 +335,7 @@ pub fn random_ops(
         let whole_clusters = aligned && (offset + len) % cluster_size == 0;
         let op = if with_zero && kind == 0 {
             DiskOp::Zero { offset, len }
-        } else if with_discard && whole_clusters && kind == 1 {
+        } else if with_discard && whole_clusters && (kind == 1 || kind == 2) {
             DiskOp::Discard { offset, len }
         } else {
             DiskOp::Write {
