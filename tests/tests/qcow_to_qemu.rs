@@ -207,6 +207,10 @@ fn sizes_with_suffixes_and_raw_create() {
         ("1G", 1024 * MIB),
         ("64k", 64 * KIB),
         ("2T", 2 * 1024 * 1024 * MIB),
+        // qemu-img rounds a size up to whole 512-byte sectors.
+        ("1000", 1024),
+        ("513", 1024),
+        ("100000", 100_352),
     ] {
         let spec = ImageSpec::new(64 * KIB, 16, "1.1");
         let image = qcow_create(
@@ -221,6 +225,7 @@ fn sizes_with_suffixes_and_raw_create() {
             serde_json::from_str(&info.stdout).expect("qemu-img info JSON");
         assert_eq!(json["virtual-size"].as_u64(), Some(bytes), "size {text}");
         assert_qemu_check_clean(&image, &format!("empty image of {text}"));
+        assert_info_agrees(&image, &format!("empty image of {text}"));
     }
     let raw = dir.path().join("plain.raw");
     let out = qcow(&[
@@ -232,6 +237,17 @@ fn sizes_with_suffixes_and_raw_create() {
     ]);
     assert!(out.success(), "qcow create -f raw\n{}", out.describe());
     assert_eq!(std::fs::metadata(&raw).expect("raw file").len(), 5 * MIB);
+    // Raw sizes are rounded up to whole sectors as well (qemu-img create -f raw f 1000 → 1024).
+    let odd = dir.path().join("odd.raw");
+    let out = qcow(&[
+        "create".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        odd.as_os_str(),
+        "1000".as_ref(),
+    ]);
+    assert!(out.success(), "qcow create -f raw\n{}", out.describe());
+    assert_eq!(std::fs::metadata(&odd).expect("raw file").len(), 1024);
 }
 
 /// Overlays created by qcow on bases made by qemu-img (qcow2 and raw) and by qcow, three deep.
