@@ -364,6 +364,8 @@ fn qcow_writes_under_qemu_snapshots() {
     for (index, spec) in [
         ImageSpec::new(64 * KIB, 16, "1.1"),
         ImageSpec::new(4 * KIB, 16, "0.10"),
+        // 2-bit refcounts: a shared cluster sits at 2 of a maximum of 3.
+        ImageSpec::new(512, 2, "1.1"),
     ]
     .into_iter()
     .enumerate()
