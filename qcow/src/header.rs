@@ -550,6 +550,35 @@ mod tests {
     }
 
     #[test]
+    fn v3_header_of_104_bytes_parses_as_deflate() {
+        let mut header = sample(3);
+        header.header_length = 104;
+        let bytes = header.encode().unwrap();
+        assert_eq!(&bytes[104..108], &EXT_BACKING_FORMAT.to_be_bytes());
+        let parsed = Header::parse(&bytes).unwrap();
+        assert_eq!(parsed.header_length, 104);
+        assert_eq!(parsed.compression_type, CompressionType::Deflate);
+        assert_eq!(parsed.backing_format.as_deref(), Some("qcow2"));
+    }
+
+    #[test]
+    fn zstd_needs_the_incompatible_bit() {
+        let mut header = sample(3);
+        header.compression_type = CompressionType::Zstd;
+        let bytes = header.encode().unwrap();
+        assert!(matches!(
+            Header::parse(&bytes),
+            Err(Error::InvalidHeader(_))
+        ));
+        header.incompatible_features |= INCOMPAT_COMPRESSION;
+        let bytes = header.encode().unwrap();
+        assert_eq!(
+            Header::parse(&bytes).unwrap().compression_type,
+            CompressionType::Zstd
+        );
+    }
+
+    #[test]
     fn unknown_header_fields_are_preserved() {
         let mut header = sample(3);
         header.header_length = 120;
