@@ -663,3 +663,64 @@ fn dirty_image_from_a_crashed_qemu_is_repaired() {
         "dirty image after qcow check -r all",
     );
 }
+
+/// A writer must keep header extensions it does not know and clear autoclear bits it does not
+/// know (qcow2 spec); a 6 MiB write into 512 B clusters with 64-bit refcounts also grows the
+/// refcount table, so the header's table fields are rewritten meanwhile.
+#[test]
+fn unknown_header_extension_kept_and_unknown_autoclear_bit_cleared() {
+    if skip_without_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("extension.qcow2");
+    let size = 8 * MIB;
+    qemu_img(&[
+        "create".to_string(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-o".into(),
+        "cluster_size=512,refcount_bits=64,lazy_refcounts=on".into(),
+        image.display().to_string(),
+        size.to_string(),
+    ])
+    .ok();
+    let mut bytes = std::fs::read(&image).expect("read image");
+    let header_length = u32::from_be_bytes(bytes[100..104].try_into().expect("4 bytes")) as usize;
+    // Unknown extension 0x12345678 with 8 bytes of data, then the end marker.
+    let extension: Vec<u8> = [0x12, 0x34, 0x56, 0x78, 0, 0, 0, 8]
+        .into_iter()
+        .chain(*b"ABCDEFGH")
+        .chain([0; 8])
+        .collect();
+    bytes[header_length..header_length + extension.len()].copy_from_slice(&extension);
+    bytes[88..96].copy_from_slice(&(1u64 << 5).to_be_bytes());
+    std::fs::write(&image, &bytes).expect("write image");
+    let reftable_before = bytes[48..60].to_vec();
+
+    let mut model = DiskModel::zeroed(size);
+    let ops = [DiskOp::Write {
+        offset: 0,
+        len: 6 * MIB,
+        pattern: 0x61,
+    }];
+    qcow_apply(&image, &mut model, &ops, 1, "6 MiB write");
+    judge(&image, &model, "after the 6 MiB write");
+    let after = std::fs::read(&image).expect("read image");
+    assert_ne!(
+        after[48..60],
+        reftable_before[..],
+        "the refcount table was expected to move (the test's premise)"
+    );
+    assert_eq!(
+        after[header_length..header_length + extension.len()],
+        extension[..],
+        "the unknown header extension must be kept"
+    );
+    assert_eq!(
+        after[88..96],
+        [0; 8],
+        "an unknown autoclear bit must be cleared by a writer"
+    );
+}
