@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cowvm_guest_abi::layout;
 use cowvm_guest_abi::workload::expected_digest;
 use cowvm_guest_abi::WorkloadArgs;
 use cowvm_tests::bin_path;
@@ -215,14 +216,26 @@ fn allocated_pages(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512 / 4096
 }
 
-fn diff_pages(write: u32) -> u64 {
-    let pages = 3000;
+/// The page runs a diff stores, read from its `state` file (20-byte header, JSON, CRC32).
+fn stored_pages(diff: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(diff.join("state")).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&bytes[20..bytes.len() - 4]).unwrap();
+    let mut pages = Vec::new();
+    for run in state["memory"]["runs"].as_array().unwrap() {
+        let (first, count) = (run[0].as_u64().unwrap(), run[1].as_u64().unwrap());
+        pages.extend(first..first + count);
+    }
+    pages
+}
+
+/// Takes a full snapshot, waits several whole rounds, takes a diff; returns the diff's pages
+/// split into (workload pages, other pages).
+fn diff_pages(pages: u64, write: u32) -> (Vec<u64>, Vec<u64>) {
     let args = format!("pages={pages} rounds=1000000 seed=3 write={write}");
     let dir = tempfile::tempdir().unwrap();
     let vm = RunningVm::start(dir.path(), "1", &args);
     std::thread::sleep(Duration::from_millis(100));
     vm.snapshot(&dir.path().join("full"), false);
-    // Long enough for several whole rounds.
     std::thread::sleep(Duration::from_millis(300));
     let diff = dir.path().join("diff");
     vm.snapshot(&diff, true);
@@ -230,12 +243,30 @@ fn diff_pages(write: u32) -> u64 {
     let report = cowvm(&["snapshot", "inspect", "--json", diff.to_str().unwrap()]);
     let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
     let on_disk = allocated_pages(&diff.join("memory"));
+    let stored = stored_pages(&diff);
     assert_eq!(
-        report["pages_stored"], on_disk,
-        "state and sparse file agree"
+        report["pages_stored"],
+        stored.len() as u64,
+        "state lists what it stores"
+    );
+    assert_eq!(
+        on_disk,
+        stored.len() as u64,
+        "the sparse file holds exactly the stored pages"
     );
     assert_eq!(report["pages_allocated_on_disk"], on_disk);
-    on_disk
+    let first_workload = layout::WORKLOAD_ADDR / layout::PAGE_SIZE;
+    stored
+        .into_iter()
+        .partition(|&p| p >= first_workload && p < first_workload + pages)
+}
+
+/// Pages outside the workload that the guest (or its MMU, setting accessed/dirty bits) writes.
+fn is_guest_scratch(page: u64) -> bool {
+    let addr = page * layout::PAGE_SIZE;
+    let stacks = layout::STACKS_START..layout::STACKS_END;
+    let tables = layout::PAGE_TABLES_ADDR..layout::PAGE_TABLES_END;
+    stacks.contains(&addr) || tables.contains(&addr) || addr == layout::BOOT_INFO_ADDR
 }
 
 #[test]
@@ -243,10 +274,32 @@ fn a_diff_holds_exactly_the_pages_the_guest_wrote() {
     if !kvm_usable("a_diff_holds_exactly_the_pages_the_guest_wrote") {
         return;
     }
-    // write=100: every workload page is written every round, so the diff holds all 3000 of
-    // them plus the vCPU's stack page; write=0: only the stack page.
-    assert_eq!(diff_pages(100), 3000 + 1);
-    assert_eq!(diff_pages(0), 1);
+    let first_workload = layout::WORKLOAD_ADDR / layout::PAGE_SIZE;
+    // write=100: every workload page is written every round, so all 3000 are in the diff.
+    let (workload, other) = diff_pages(3000, 100);
+    assert_eq!(
+        workload,
+        (first_workload..first_workload + 3000).collect::<Vec<_>>()
+    );
+    assert!(
+        !other.is_empty() && other.len() <= 4,
+        "stack (and page-table) pages: {other:?}"
+    );
+    assert!(
+        other.iter().all(|&p| is_guest_scratch(p)),
+        "unexpected pages: {other:?}"
+    );
+    assert!(
+        other.contains(&((layout::STACKS_END - layout::PAGE_SIZE) / layout::PAGE_SIZE)),
+        "vCPU 0's stack page"
+    );
+    // write=0: the workload writes nothing.
+    let (workload, other) = diff_pages(3000, 0);
+    assert_eq!(workload, Vec::<u64>::new());
+    assert!(
+        other.iter().all(|&p| is_guest_scratch(p)),
+        "unexpected pages: {other:?}"
+    );
 }
 
 #[test]

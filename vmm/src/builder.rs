@@ -25,7 +25,7 @@ use crate::memory::{create_guest_memory, ram_end, MemoryError};
 use crate::snapshot::state::ParentRef;
 use crate::snapshot::{self, SnapshotError};
 use crate::vcpu::{RunState, Vcpu, VcpuError, VmEvent};
-use crate::vm::{Vm, VmError};
+use crate::vm::{MemoryOrigin, Vm, VmError};
 
 /// Booting failed; each variant names the step.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +81,7 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
             args: &config.args,
         },
     )?;
-    let vm = Vm::new(&kvm, memory)?;
+    let vm = Vm::new(&kvm, memory, MemoryOrigin::Boot)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_out)));
     let (events, buses) = wire_devices(&serial)?;
 
@@ -137,7 +137,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     let serial_out = serial_output(&options.serial)?;
     let created_at = Instant::now();
     let memory = snapshot::load_memory(&chain, options.eager)?;
-    let vm = Vm::new(&kvm, memory)?;
+    let vm = Vm::new(&kvm, memory, MemoryOrigin::Restore)?;
     if let Some(clock) = &top.state.vm.clock {
         let clock = kvm_bindings::kvm_clock_data { flags: 0, ..*clock };
         if let Err(e) = vm.fd().set_clock(&clock) {

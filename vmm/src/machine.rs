@@ -239,6 +239,7 @@ impl Machine {
             "mem_size": self.mem_size,
             "uptime_ms": self.created_at.elapsed().as_millis() as u64,
             "snapshots_taken": self.snapshots_taken,
+            "dirty_log": if self.vm.manual_protect() { "manual-protect" } else { "get-dirty-log" },
             "last_snapshot": self.parent.as_ref().map(|p| p.path.clone()),
             "unmapped_pio_accesses": pio,
             "unmapped_mmio_accesses": mmio,

@@ -710,6 +710,49 @@ mod tests {
     }
 
     #[test]
+    fn vcpu_state_round_trips_through_json_into_a_new_vcpu() {
+        let Ok(kvm) = crate::kvm::open_kvm(std::path::Path::new("/dev/kvm")) else {
+            println!(
+                "SKIP: vcpu_state_round_trips_through_json_into_a_new_vcpu: no usable /dev/kvm"
+            );
+            return;
+        };
+        let memory = crate::memory::create_guest_memory(8 << 20).unwrap();
+        let vm = crate::vm::Vm::new(&kvm, memory, crate::vm::MemoryOrigin::Boot).unwrap();
+        let (pio, mmio, _) = buses();
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let (tx, _rx) = mpsc::channel();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let first = Vcpu::new(
+            0,
+            vm.fd().create_vcpu(0).unwrap(),
+            pio.clone(),
+            mmio.clone(),
+            tx.clone(),
+        );
+        first.configure_boot(&cpuid, 0x10_0000, 0x9000).unwrap();
+        let mut regs = first.fd.get_regs().unwrap();
+        regs.rax = 0x1234_5678;
+        regs.r15 = 42;
+        first.fd.set_regs(&regs).unwrap();
+        let saved = first.save_state().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let loaded: VcpuState = serde_json::from_str(&json).unwrap();
+        let second = Vcpu::new(1, vm.fd().create_vcpu(1).unwrap(), pio, mmio, tx);
+        second.restore_state(&loaded).unwrap();
+        let again = second.save_state().unwrap();
+        assert_eq!(
+            (again.regs.rax, again.regs.r15, again.regs.rip),
+            (0x1234_5678, 42, 0x10_0000)
+        );
+        assert_eq!(again.sregs.cr3, saved.sregs.cr3);
+        assert_eq!(again.sregs.cs.selector, saved.sregs.cs.selector);
+        assert_eq!(again.cpuid.len(), saved.cpuid.len());
+        let indices = |msrs: &[kvm_msr_entry]| msrs.iter().map(|m| m.index).collect::<Vec<_>>();
+        assert_eq!(indices(&again.msrs), indices(&saved.msrs));
+    }
+
+    #[test]
     fn register_dump_names_rip_and_control_registers() {
         let regs = kvm_regs {
             rip: 0x10_0042,

@@ -3,11 +3,32 @@
 //! Creating the VM, registering memory and loading state are separate steps so that later code
 //! (restore, clone pools) can do them at different times.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
+
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_clear_dirty_log
+);
+
+/// How guest RAM came to be, which decides how dirty logging starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryOrigin {
+    /// A fresh boot: the first snapshot is always full, so every page may start out "dirty"
+    /// (`KVM_DIRTY_LOG_INITIALLY_SET`) and nothing is write-protected until that snapshot.
+    Boot,
+    /// A restore: the first diff builds on the restored snapshot, so logging starts clean.
+    Restore,
+}
 
 /// Where KVM may put the three pages of the TSS that VMX needs (below the 4 GiB MMIO top).
 const TSS_ADDRESS: usize = 0xfffb_d000;
@@ -19,6 +40,14 @@ pub enum VmError {
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
     SetTssAddress(#[source] kvm_ioctls::Error),
+    #[error("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2) failed: {0}")]
+    EnableManualProtect(#[source] kvm_ioctls::Error),
+    #[error("KVM_CLEAR_DIRTY_LOG for slot {slot} failed: {source}")]
+    ClearDirtyLog {
+        slot: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("KVM_GET_DIRTY_LOG for slot {slot} failed: {source}")]
     GetDirtyLog {
         slot: u32,
@@ -41,15 +70,38 @@ pub struct Vm {
     // Field order matters: `fd` is dropped (the VM destroyed) before `memory` is unmapped.
     fd: VmFd,
     memory: GuestMemory,
+    /// Whether `KVM_CLEAR_DIRTY_LOG` re-protects pages (manual protect) instead of
+    /// `KVM_GET_DIRTY_LOG` doing it for the whole slot.
+    manual_protect: bool,
 }
 
 impl Vm {
-    /// Creates an empty KVM VM and registers `memory` as its RAM, one slot per region.
-    pub fn new(kvm: &Kvm, memory: GuestMemory) -> Result<Self, VmError> {
+    /// Creates an empty KVM VM and registers `memory` as its RAM, one slot per region, with
+    /// dirty logging (manual-protect mode where the kernel offers it).
+    pub fn new(kvm: &Kvm, memory: GuestMemory, origin: MemoryOrigin) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(VmError::SetTssAddress)?;
-        let vm = Self { fd, memory };
+        let supported = fd.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) as u32;
+        let manual_protect = supported & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
+        if manual_protect {
+            let mut flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+            if origin == MemoryOrigin::Boot {
+                flags |= supported & KVM_DIRTY_LOG_INITIALLY_SET;
+            }
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                ..Default::default()
+            };
+            cap.args[0] = u64::from(flags);
+            // Ordering: the mode must be set before any slot is registered with dirty logging.
+            fd.enable_cap(&cap).map_err(VmError::EnableManualProtect)?;
+        }
+        let vm = Self {
+            fd,
+            memory,
+            manual_protect,
+        };
         vm.register_memory()?;
         Ok(vm)
     }
@@ -91,10 +143,13 @@ impl Vm {
         for (slot, region) in self.memory.iter().enumerate() {
             let slot = slot as u32;
             let pages = region.len() / 4096;
-            let log = self
+            let mut log = self
                 .fd
                 .get_dirty_log(slot, region.len() as usize)
                 .map_err(|source| VmError::GetDirtyLog { slot, source })?;
+            if self.manual_protect {
+                self.clear_dirty_log(slot, pages, &mut log)?;
+            }
             for page in 0..pages {
                 if log[(page / 64) as usize] >> (page % 64) & 1 == 1 {
                     let at = first_page + page;
@@ -104,6 +159,35 @@ impl Vm {
             first_page += pages;
         }
         Ok(bitmap)
+    }
+
+    /// Clears (and write-protects again) exactly the pages set in `log`: pages written between
+    /// the GET and this CLEAR stay dirty, and clean pages are not touched.
+    fn clear_dirty_log(&self, slot: u32, pages: u64, log: &mut [u64]) -> Result<(), VmError> {
+        let mut clear = kvm_clear_dirty_log {
+            slot,
+            num_pages: pages as u32,
+            first_page: 0,
+            ..Default::default()
+        };
+        clear.__bindgen_anon_1.dirty_bitmap = log.as_mut_ptr().cast();
+        // SAFETY: `clear` describes this VM's slot `slot` of `pages` pages and points at a bitmap
+        // of at least `pages` bits (KVM_GET_DIRTY_LOG sized it for the slot) that outlives the
+        // call; the kernel only reads the bitmap.
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if ret < 0 {
+            return Err(VmError::ClearDirtyLog {
+                slot,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether dirty logging runs in manual-protect mode.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
     }
 
     pub fn fd(&self) -> &VmFd {
