@@ -724,3 +724,61 @@ fn unknown_header_extension_kept_and_unknown_autoclear_bit_cleared() {
         "an unknown autoclear bit must be cleared by a writer"
     );
 }
+
+/// An overlay with `preallocation=metadata` would map every cluster in the overlay and hide the
+/// backing file's data. qemu-img refuses the combination ("Backing file and preallocation can only
+/// be used at the same time if extended_l2 is on"); qcow must refuse it too, or at least produce an
+/// overlay that still shows the backing data.
+#[test]
+fn overlay_with_metadata_preallocation_never_hides_the_backing_data() {
+    if skip_without_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let size = MIB;
+    let base = dir.path().join("base.qcow2");
+    qemu_img(&[
+        "create".to_string(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        base.display().to_string(),
+        size.to_string(),
+    ])
+    .ok();
+    let op = DiskOp::Write {
+        offset: 0,
+        len: size,
+        pattern: 9,
+    };
+    qemu_io(&base, "qcow2", &[op.command()]);
+    let mut model = DiskModel::zeroed(size);
+    model.apply(&op);
+    let overlay = dir.path().join("overlay.qcow2");
+    let out = qcow(&[
+        "create".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        "base.qcow2".as_ref(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        "-o".as_ref(),
+        "preallocation=metadata".as_ref(),
+        overlay.as_os_str(),
+    ]);
+    assert!(!out.stderr.contains("panicked"), "{}", out.describe());
+    if out.success() {
+        judge(
+            &overlay,
+            &model,
+            "overlay created with preallocation=metadata",
+        );
+    } else {
+        assert!(
+            out.stderr.contains("preallocation"),
+            "the refusal should say why\n{}",
+            out.describe()
+        );
+    }
+}
