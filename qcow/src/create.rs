@@ -189,7 +189,9 @@ pub fn create_on<S: Storage + ?Sized>(storage: &mut S, options: &CreateOptions) 
     let cluster_bits = options.validate()?;
     let cluster_size = options.cluster_size;
     let refcount_order = options.refcount_bits.trailing_zeros();
-    let mut header = Header::new(options.version, cluster_bits, refcount_order, options.size);
+    // Like qemu-img, the virtual size is a whole number of 512-byte sectors.
+    let size = options.size.div_ceil(512) * 512;
+    let mut header = Header::new(options.version, cluster_bits, refcount_order, size);
     if options.version >= 3 && cluster_size > 4096 {
         header.feature_names = Header::default_feature_names();
     }
@@ -198,7 +200,7 @@ pub fn create_on<S: Storage + ?Sized>(storage: &mut S, options: &CreateOptions) 
     }
     header.backing_file = options.backing_file.clone();
     header.backing_format = options.backing_format.clone();
-    let l1_entries = Header::l1_entries_for(options.size, cluster_bits);
+    let l1_entries = Header::l1_entries_for(size, cluster_bits);
     let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
     let entries_per_block = (cluster_size * 8) >> refcount_order;
     // Fixed point: header + table + blocks + L1 must all be covered by the blocks.
