@@ -22,10 +22,22 @@ struct RunningVm {
 
 impl RunningVm {
     fn start(dir: &Path, vcpus: &str, args: &str) -> Self {
+        Self::spawn(
+            dir,
+            &["run", "--mem", "64M", "--vcpus", vcpus, "--args", args],
+        )
+    }
+
+    /// Restores `snapshot` with a control socket in `dir`.
+    fn restore(dir: &Path, snapshot: &Path) -> Self {
+        Self::spawn(dir, &["restore", snapshot.to_str().expect("utf-8 path")])
+    }
+
+    fn spawn(dir: &Path, command: &[&str]) -> Self {
         let socket = dir.join("api.sock");
         let serial = dir.join("serial.log");
         let child = Command::new(bin_path("cowvm"))
-            .args(["run", "--mem", "64M", "--vcpus", vcpus, "--args", args])
+            .args(command)
             .arg("--api-socket")
             .arg(&socket)
             .arg("--serial")
@@ -198,6 +210,39 @@ fn snapshots_of_two_vcpus_restore_to_the_oracle_digest() {
     if kvm_usable("snapshots_of_two_vcpus_restore_to_the_oracle_digest") {
         chain_restores_to_the_oracle("2");
     }
+}
+
+#[test]
+fn a_restored_vm_takes_diffs_on_the_snapshot_it_came_from() {
+    if !kvm_usable("a_restored_vm_takes_diffs_on_the_snapshot_it_came_from") {
+        return;
+    }
+    let args = "pages=2000 rounds=6000 seed=11 write=5";
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    std::fs::create_dir(&first).unwrap();
+    let vm = RunningVm::start(&first, "2", args);
+    std::thread::sleep(Duration::from_millis(150));
+    let full = dir.path().join("full");
+    vm.snapshot(&full, false);
+    vm.kill();
+    let second = dir.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    let restored = RunningVm::restore(&second, &full);
+    std::thread::sleep(Duration::from_millis(150));
+    let diff = dir.path().join("diff-after-restore");
+    restored.snapshot(&diff, true);
+    restored.kill();
+    let inspect = cowvm(&["snapshot", "inspect", "--json", diff.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(report["kind"], "diff");
+    assert_eq!(report["chain_length"], 2);
+    let stored = report["pages_stored"].as_u64().unwrap();
+    assert!(
+        stored > 0 && stored < 2000 + 8,
+        "a diff, not a full copy: {stored} pages"
+    );
+    assert_eq!(restore(&diff, &[]), expected_done(args));
 }
 
 #[test]
