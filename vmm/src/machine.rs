@@ -71,6 +71,8 @@ pub struct Machine {
     /// Dirty pages taken from KVM whose snapshot failed: merged into the next diff.
     pending_dirty: Vec<u64>,
     snapshots_taken: u64,
+    /// Time of each snapshot's dirty-bitmap harvest (get + clear), most recent last.
+    harvest_times: Vec<Duration>,
     /// When KVM_CREATE_VM was called.
     pub created_at: Instant,
 }
@@ -91,6 +93,7 @@ impl Machine {
             parent: parts.parent,
             pending_dirty: Vec::new(),
             snapshots_taken: 0,
+            harvest_times: Vec::new(),
             created_at: parts.created_at,
         }
     }
@@ -163,7 +166,9 @@ impl Machine {
     /// Writes the snapshot; all vCPUs are paused.
     fn save(&mut self, dir: &std::path::Path, kind: SnapshotKind) -> Result<u64, MachineError> {
         let tmp = snapshot::begin_dir(dir)?;
+        let harvest_started = Instant::now();
         let mut dirty = self.vm.take_dirty_bitmap()?;
+        self.harvest_times.push(harvest_started.elapsed());
         for (word, pending) in dirty.iter_mut().zip(&self.pending_dirty) {
             *word |= pending;
         }
@@ -240,6 +245,8 @@ impl Machine {
             "uptime_ms": self.created_at.elapsed().as_millis() as u64,
             "snapshots_taken": self.snapshots_taken,
             "dirty_log": if self.vm.manual_protect() { "manual-protect" } else { "get-dirty-log" },
+            "register_memory_us": self.vm.register_time().as_micros() as u64,
+            "dirty_harvest_us": self.harvest_times.iter().map(|d| d.as_micros() as u64).collect::<Vec<_>>(),
             "last_snapshot": self.parent.as_ref().map(|p| p.path.clone()),
             "unmapped_pio_accesses": pio,
             "unmapped_mmio_accesses": mmio,

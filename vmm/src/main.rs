@@ -281,9 +281,10 @@ fn run_machine(
             .get()
             .map(|t| micros(t.duration_since(created)));
         eprintln!(
-            "timings: process_start_to_vm_create_us={:.0} vm_create_to_first_guest_exit_us={} total_us={:.0}",
+            "timings: process_start_to_vm_create_us={:.0} vm_create_to_first_guest_exit_us={} register_memory_us={:.0} total_us={:.0}",
             micros(created.duration_since(started)),
             first.map_or("none".to_string(), |us| format!("{us:.0}")),
+            micros(machine.vm().register_time()),
             micros(started.elapsed()),
         );
     }

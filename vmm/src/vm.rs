@@ -73,6 +73,8 @@ pub struct Vm {
     /// Whether `KVM_CLEAR_DIRTY_LOG` re-protects pages (manual protect) instead of
     /// `KVM_GET_DIRTY_LOG` doing it for the whole slot.
     manual_protect: bool,
+    /// How long registering the RAM slots (with dirty logging) took.
+    register_time: std::time::Duration,
 }
 
 impl Vm {
@@ -97,12 +99,15 @@ impl Vm {
             // Ordering: the mode must be set before any slot is registered with dirty logging.
             fd.enable_cap(&cap).map_err(VmError::EnableManualProtect)?;
         }
-        let vm = Self {
+        let mut vm = Self {
             fd,
             memory,
             manual_protect,
+            register_time: Default::default(),
         };
+        let started = std::time::Instant::now();
         vm.register_memory()?;
+        vm.register_time = started.elapsed();
         Ok(vm)
     }
 
@@ -183,6 +188,11 @@ impl Vm {
             });
         }
         Ok(())
+    }
+
+    /// How long `KVM_SET_USER_MEMORY_REGION` (with dirty logging) took for all slots.
+    pub fn register_time(&self) -> std::time::Duration {
+        self.register_time
     }
 
     /// Whether dirty logging runs in manual-protect mode.
