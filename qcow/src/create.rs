@@ -116,6 +116,13 @@ impl CreateOptions {
                     .into(),
             ));
         }
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+            return Err(Error::InvalidOption(
+                "backing file and preallocation cannot be used at the same time (preallocated \
+                 clusters would hide the backing file's data)"
+                    .into(),
+            ));
+        }
         if self.version < 3 && self.lazy_refcounts {
             return Err(Error::InvalidOption(
                 "lazy refcounts only supported with compatibility level 1.1 and above".into(),
@@ -258,10 +265,12 @@ pub fn create_raw(path: &Path, size: u64) -> Result<()> {
             path: path.to_path_buf(),
             source,
         })?;
-    file.set_len(size).map_err(|source| Error::CreateFile {
-        path: PathBuf::from(path),
-        source,
-    })
+    // Whole 512-byte sectors, like qemu-img.
+    file.set_len(size.div_ceil(512) * 512)
+        .map_err(|source| Error::CreateFile {
+            path: PathBuf::from(path),
+            source,
+        })
 }
 
 #[cfg(test)]
