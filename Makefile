@@ -21,6 +21,7 @@ test: lint build
 bench:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p cowvm-tests --bin bench_vmm
+	$(CARGO) run --release -p cowvm-tests --bin bench_snapshot
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow
 
 fuzz:
