@@ -137,7 +137,8 @@ impl Machine {
         Ok(())
     }
 
-    /// Snapshots the VM into `dir`. A running VM is paused for the duration and resumed.
+    /// Snapshots the VM into `dir`. A running VM is paused while its state and memory are
+    /// copied into the snapshot files, and runs again while they are synced to disk.
     pub fn snapshot(
         &mut self,
         dir: &std::path::Path,
@@ -146,52 +147,78 @@ impl Machine {
         if kind == SnapshotKind::Diff && self.parent.is_none() {
             return Err(SnapshotError::NoParent.into());
         }
+        let tmp = snapshot::begin_dir(dir)?;
         let started = Instant::now();
         let was_running = !self.paused;
         if was_running {
-            self.pause()?;
+            if let Err(e) = self.pause() {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e.into());
+            }
         }
-        let result = self.save(dir, kind);
-        if was_running {
-            self.resume()?;
-        }
-        let pages_stored = result?;
-        Ok(SnapshotReport {
-            kind,
-            pages_stored,
-            paused: started.elapsed(),
-        })
-    }
-
-    /// Writes the snapshot; all vCPUs are paused.
-    fn save(&mut self, dir: &std::path::Path, kind: SnapshotKind) -> Result<u64, MachineError> {
-        let tmp = snapshot::begin_dir(dir)?;
-        let harvest_started = Instant::now();
-        let mut dirty = self.vm.take_dirty_bitmap()?;
-        self.harvest_times.push(harvest_started.elapsed());
-        for (word, pending) in dirty.iter_mut().zip(&self.pending_dirty) {
-            *word |= pending;
-        }
-        let result = self.write_snapshot(&tmp, dir, kind, &dirty);
-        match &result {
-            Ok(_) => self.pending_dirty.clear(),
-            Err(_) => {
+        let (dirty, captured) = self.capture(&tmp, kind);
+        let paused = started.elapsed();
+        let resumed = if was_running { self.resume() } else { Ok(()) };
+        // Ordering: the snapshot's contents were fixed while the guest was paused (they sit in
+        // the page cache); the fsyncs and the rename that publishes the directory need no pause.
+        let result = captured.and_then(|(crc, pages)| {
+            snapshot::commit_dir(&tmp, dir)?;
+            Ok((crc, pages))
+        });
+        match result {
+            Ok((crc, pages_stored)) => {
+                self.pending_dirty.clear();
+                let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+                self.parent = Some(ParentRef {
+                    path: path.display().to_string(),
+                    state_crc: crc,
+                });
+                self.snapshots_taken += 1;
+                resumed?;
+                Ok(SnapshotReport {
+                    kind,
+                    pages_stored,
+                    paused,
+                })
+            }
+            Err(e) => {
                 // Transactional: the bits KVM just cleared go to the next diff, so no written
                 // page is ever left out of a chain.
                 self.pending_dirty = dirty;
                 let _ = std::fs::remove_dir_all(&tmp);
+                resumed?;
+                Err(e)
             }
         }
-        result
+    }
+
+    /// With every vCPU paused: takes the dirty bitmap (merged with bits left by a failed
+    /// snapshot) and writes state and memory into `tmp`. Returns the bitmap, and the state's CRC
+    /// and the pages stored.
+    fn capture(
+        &mut self,
+        tmp: &std::path::Path,
+        kind: SnapshotKind,
+    ) -> (Vec<u64>, Result<(u32, u64), MachineError>) {
+        let harvest_started = Instant::now();
+        let mut dirty = match self.vm.take_dirty_bitmap() {
+            Ok(dirty) => dirty,
+            Err(e) => return (self.pending_dirty.clone(), Err(e.into())),
+        };
+        self.harvest_times.push(harvest_started.elapsed());
+        for (word, pending) in dirty.iter_mut().zip(&self.pending_dirty) {
+            *word |= pending;
+        }
+        let result = self.write_snapshot(tmp, kind, &dirty);
+        (dirty, result)
     }
 
     fn write_snapshot(
         &mut self,
         tmp: &std::path::Path,
-        dir: &std::path::Path,
         kind: SnapshotKind,
         dirty: &[u64],
-    ) -> Result<u64, MachineError> {
+    ) -> Result<(u32, u64), MachineError> {
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for response in self.broadcast(VcpuRequest::SaveState)? {
             if let VcpuResponse::Saved(saved) = response {
@@ -224,14 +251,7 @@ impl Machine {
         };
         let dirty = (kind == SnapshotKind::Diff).then_some(dirty);
         let crc = snapshot::write_into(tmp, &mut state, self.vm.memory(), dirty)?;
-        snapshot::commit_dir(tmp, dir)?;
-        let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-        self.parent = Some(ParentRef {
-            path: path.display().to_string(),
-            state_crc: crc,
-        });
-        self.snapshots_taken += 1;
-        Ok(state.memory.pages_stored)
+        Ok((crc, state.memory.pages_stored))
     }
 
     fn stats(&self) -> Value {

@@ -1,8 +1,6 @@
-//! The `state` container — magic, format version, JSON payload, CRC32 — and crash-safe file
-//! writing (temporary name, fsync, rename).
+//! The `state` container — magic, format version, JSON payload, CRC32 — and directory fsync.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// `COWVMSNP`.
@@ -132,18 +130,6 @@ fn decode<T: serde::de::DeserializeOwned>(
         }
     })?;
     Ok((value, found))
-}
-
-/// Writes `bytes` to `path` through a temporary name: a crash leaves the old file or the new
-/// one, never a half-written one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
-    file.write_all(bytes)?;
-    // Ordering: the data is durable before the rename makes it visible under its real name.
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// fsyncs a directory so renames inside it are durable.

@@ -102,7 +102,8 @@ fn write_runs(
     Ok(runs)
 }
 
-/// Dumps all of RAM to `file`, leaving zero pages as holes. Returns the pages written.
+/// Dumps all of RAM to `file`, leaving zero pages as holes. Returns the pages written. The
+/// caller syncs the file (see [`super::commit_dir`]).
 pub fn dump_full(
     file: &File,
     memory: &GuestMemory,
@@ -110,7 +111,6 @@ pub fn dump_full(
 ) -> Result<u64, SnapshotMemoryError> {
     file.set_len(mem_size).map_err(SnapshotMemoryError::Write)?;
     let runs = write_runs(file, memory, |_, page| !is_zero(page))?;
-    file.sync_all().map_err(SnapshotMemoryError::Write)?;
     Ok(runs.iter().map(|(_, count)| count).sum())
 }
 
@@ -128,7 +128,6 @@ pub fn dump_diff(
             .is_some_and(|w| w >> (page % 64) & 1 == 1)
     };
     let runs = write_runs(file, memory, |page, _| bit(page))?;
-    file.sync_all().map_err(SnapshotMemoryError::Write)?;
     Ok(runs)
 }
 

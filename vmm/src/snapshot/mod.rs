@@ -139,11 +139,10 @@ pub fn write_into(
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&memory_path, std::fs::Permissions::from_mode(0o444));
     let (bytes, crc) = format::encode(state)?;
-    format::write_atomic(&tmp.join(STATE_FILE), &bytes).map_err(|source| {
-        SnapshotError::WriteFile {
-            path: tmp.join(STATE_FILE),
-            source,
-        }
+    // A plain write: the whole directory is published by `commit_dir`'s rename after fsync.
+    std::fs::write(tmp.join(STATE_FILE), &bytes).map_err(|source| SnapshotError::WriteFile {
+        path: tmp.join(STATE_FILE),
+        source,
     })?;
     Ok(crc)
 }
