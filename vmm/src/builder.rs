@@ -22,6 +22,7 @@ use crate::kvm::{host_limits, open_kvm, KvmError};
 use crate::loader::{self, LoadError};
 use crate::machine::{Machine, MachineParts};
 use crate::memory::{create_guest_memory, ram_end, MemoryError};
+use crate::snapshot::persist::Persist;
 use crate::snapshot::state::ParentRef;
 use crate::snapshot::{self, SnapshotError};
 use crate::vcpu::{RunState, Vcpu, VcpuError, VmEvent};
@@ -48,6 +49,8 @@ pub enum BuildError {
     Device(#[from] OverlapError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    SerialState(#[from] crate::devices::serial::SerialRestoreError),
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("cannot create the serial output file {path}: {source}")]
@@ -144,10 +147,10 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
             tracing::debug!("KVM_SET_CLOCK: {e}");
         }
     }
-    let serial = Arc::new(Mutex::new(SerialDevice::from_state(
-        &top.state.serial,
+    let serial = Arc::new(Mutex::new(SerialDevice::restore(
         serial_out,
-    )));
+        &top.state.serial,
+    )?));
     let (events, buses) = wire_devices(&serial)?;
     let mut vcpus = Vec::with_capacity(vcpu_count as usize);
     for (index, state) in top.state.vcpus.iter().enumerate() {

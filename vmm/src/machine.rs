@@ -11,9 +11,8 @@ use serde_json::{json, Value};
 use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
-use crate::snapshot::state::{
-    MemoryState, ParentRef, SerialState, SnapshotKind, SnapshotState, VmState,
-};
+use crate::snapshot::persist::Persist;
+use crate::snapshot::state::{MemoryState, ParentRef, SnapshotKind, SnapshotState, VmState};
 use crate::snapshot::{self, SnapshotError};
 use crate::vcpu::{VcpuError, VcpuHandle, VcpuRequest, VcpuResponse, VmEvent};
 use crate::vm::{Vm, VmError};
@@ -226,13 +225,7 @@ impl Machine {
             }
         }
         let clock = self.vm.fd().get_clock().ok();
-        let serial = SerialState::from(
-            &self
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state(),
-        );
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).save();
         let parent = match kind {
             SnapshotKind::Full => None,
             SnapshotKind::Diff => self.parent.clone(),

@@ -255,9 +255,10 @@ fn restore(args: RestoreArgs, started: Instant) -> anyhow::Result<u8> {
         // VMM-side restore (read state, map memory, create the VM, load vCPUs, start them)
         // and process start → guest running.
         eprintln!(
-            "timings: vmm_restore_us={:.0} process_start_to_running_us={:.0}",
+            "timings: vmm_restore_us={:.0} process_start_to_running_us={:.0} register_memory_us={:.0}",
             restore_started.elapsed().as_secs_f64() * 1e6,
-            started.elapsed().as_secs_f64() * 1e6
+            started.elapsed().as_secs_f64() * 1e6,
+            machine.vm().register_time().as_secs_f64() * 1e6
         );
     }
     run_machine(&mut machine, args.api_socket.as_deref(), false, started)

@@ -7,6 +7,7 @@ use std::time::Instant;
 use vm_superio::{serial::NoEvents, Serial, Trigger};
 
 use super::{BusDevice, VcpuAction};
+use crate::snapshot::persist::Persist;
 use crate::snapshot::state::SerialState;
 
 /// The serial interrupt line: the guest polls, so there is nothing to trigger.
@@ -41,20 +42,30 @@ impl SerialDevice {
             uart: Serial::new(NoInterrupt, out),
         }
     }
+}
 
-    /// Restores the UART registers saved in a snapshot.
-    pub fn from_state(state: &SerialState, out: Box<dyn Write + Send>) -> Self {
-        let state = vm_superio::serial::SerialState::from(state);
-        match Serial::from_state(&state, NoInterrupt, NoEvents, out) {
-            Ok(uart) => Self { uart },
-            // Only an over-long input buffer is refused; the guest never reads input.
-            Err(_) => Self::new(Box::new(std::io::sink())),
-        }
+/// A saved UART state that vm-superio refuses (its input buffer is longer than the FIFO).
+#[derive(Debug, thiserror::Error)]
+#[error("the snapshot's serial state is invalid: {0}")]
+pub struct SerialRestoreError(String);
+
+impl Persist for SerialDevice {
+    type State = SerialState;
+    type ConstructorArgs = Box<dyn Write + Send>;
+    type Error = SerialRestoreError;
+
+    fn save(&self) -> SerialState {
+        SerialState::from(&self.uart.state())
     }
 
-    /// The UART registers, for a snapshot.
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.uart.state()
+    fn restore(
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> Result<Self, SerialRestoreError> {
+        let state = vm_superio::serial::SerialState::from(state);
+        Serial::from_state(&state, NoInterrupt, NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| SerialRestoreError(format!("{e:?}")))
     }
 }
 
@@ -93,6 +104,30 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn save_restore_round_trip_keeps_registers() {
+        let mut serial = SerialDevice::new(Box::new(std::io::sink()));
+        assert_eq!(serial.write(3, &[0x83]), VcpuAction::Continue); // LCR with DLAB
+        assert_eq!(serial.write(0, &[0x0c]), VcpuAction::Continue); // divisor low
+        assert_eq!(serial.write(3, &[0x03]), VcpuAction::Continue);
+        assert_eq!(serial.write(7, &[0x5a]), VcpuAction::Continue); // scratch
+        let saved = serial.save();
+        assert_eq!(
+            (saved.line_control, saved.baud_divisor_low, saved.scratch),
+            (3, 0x0c, 0x5a)
+        );
+        let mut restored = SerialDevice::restore(Box::new(std::io::sink()), &saved).unwrap();
+        assert_eq!(restored.save(), saved);
+        let mut scratch = [0u8];
+        restored.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        let too_long = SerialState {
+            in_buffer: vec![0; 1000],
+            ..saved
+        };
+        assert!(SerialDevice::restore(Box::new(std::io::sink()), &too_long).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod persist;
 pub mod state;
 
 use std::fs::File;
