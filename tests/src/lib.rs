@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub mod bench_util;
 pub mod qcow_harness;
 pub mod vmm_harness;
 

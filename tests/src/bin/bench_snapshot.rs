@@ -34,6 +34,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cowvm_guest_abi::layout::{max_workload_pages, PAGE_SIZE, WORKLOAD_ADDR};
+use cowvm_tests::bench_util::timing_field;
+use cowvm_tests::bench_util::{
+    command_line, cowvm_binary, env_count, load_average, median, ms, workspace_root,
+};
 use serde_json::{json, Value};
 
 const DEFAULT_SIZES: &str = "256M,1G,4G";
@@ -622,16 +626,6 @@ fn restore_once(cowvm: &Path, argv: &[String]) -> Result<(f64, f64)> {
     bail!("{described} printed no timings line ({status}); stderr:\n{seen}")
 }
 
-fn timing_field(line: &str, key: &str) -> Result<f64> {
-    let value = line
-        .split_ascii_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-        .with_context(|| format!("no {key} in {line:?}"))?;
-    value
-        .parse()
-        .with_context(|| format!("{key}={value} is not a number"))
-}
-
 /// `(pages stored, pause ms)` from `snapshot DIR: N pages stored, guest paused X.XXX ms`.
 fn parse_create_line(stdout: &str) -> Option<(u64, f64)> {
     let line = stdout.lines().find(|l| l.starts_with("snapshot "))?;
@@ -917,20 +911,6 @@ fn markdown(rows: &[Row], checks: &[(String, String)], context: &str) -> String 
     md
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
@@ -950,68 +930,4 @@ fn parse_size(text: &str) -> Result<u64> {
     n.checked_shl(shift)
         .filter(|v| v >> shift == n)
         .with_context(|| format!("{text} is too large"))
-}
-
-fn command_line<S: AsRef<str>>(program: &Path, argv: &[S]) -> String {
-    let mut line = program.display().to_string();
-    for arg in argv {
-        let arg = arg.as_ref();
-        if arg.contains(' ') {
-            let _ = write!(line, " \"{arg}\"");
-        } else {
-            let _ = write!(line, " {arg}");
-        }
-    }
-    line
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".to_string(),
-        |text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        },
-    )
-}
-
-fn env_count(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(text) => {
-            let n: usize = text
-                .parse()
-                .with_context(|| format!("{name}={text} is not a number"))?;
-            ensure!(n > 0, "{name} must be at least 1");
-            Ok(n)
-        }
-        Err(_) => Ok(default),
-    }
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
-/// `COWVM_BIN`, or `cowvm` next to this program (target/<profile>/; one level up from deps/ if
-/// run from there).
-fn cowvm_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("COWVM_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().context("current_exe")?;
-    let mut dir = exe.parent().context("bench binary has no directory")?;
-    if dir.file_name().is_some_and(|name| name == "deps") {
-        dir = dir.parent().context("deps/ has no parent")?;
-    }
-    let path = dir.join("cowvm");
-    ensure!(
-        path.exists(),
-        "{} is not built: run `cargo build --release -p vmm -p cowvm-tests` first",
-        path.display()
-    );
-    Ok(path)
 }

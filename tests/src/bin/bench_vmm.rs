@@ -10,12 +10,16 @@
 use std::ffi::{c_char, c_int, CString};
 use std::fmt::Write as _;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cowvm_guest_abi::{workload, WorkloadArgs};
+use cowvm_tests::bench_util;
+use cowvm_tests::bench_util::{
+    command_line, cowvm_binary, env_count, load_average, median, ms, workspace_root,
+};
 
 /// Guest RAM for the throughput workload (the workload's pages plus the fixed low 4 MiB).
 const THROUGHPUT_MEM: &str = "320M";
@@ -352,19 +356,13 @@ fn parse_timings(stderr: &str) -> Result<(f64, f64)> {
     ))
 }
 
-/// One `key=value` figure of cowvm's `timings:` line.
+/// One figure of cowvm's `timings:` line in `stderr`.
 fn timing_field(stderr: &str, key: &str) -> Result<f64> {
     let line = stderr
         .lines()
         .find(|l| l.starts_with("timings: "))
         .context("no `timings:` line")?;
-    let value = line
-        .split_ascii_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-        .with_context(|| format!("no {key} in `{line}`"))?;
-    value
-        .parse()
-        .with_context(|| format!("{key}={value} is not a number"))
+    bench_util::timing_field(line, key)
 }
 
 /// `/bin/true` through `std::process::Command`, with stdio piped like the cowvm runs.
@@ -486,82 +484,4 @@ fn fmt_value(value: f64, unit: &str) -> String {
     } else {
         format!("{value:.0}")
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn command_line<S: AsRef<str>>(program: &Path, argv: &[S]) -> String {
-    let mut line = program.display().to_string();
-    for arg in argv {
-        let arg = arg.as_ref();
-        if arg.contains(' ') {
-            let _ = write!(line, " \"{arg}\"");
-        } else {
-            let _ = write!(line, " {arg}");
-        }
-    }
-    line
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".to_string(),
-        |text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        },
-    )
-}
-
-fn env_count(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(text) => {
-            let n: usize = text
-                .parse()
-                .with_context(|| format!("{name}={text} is not a number"))?;
-            ensure!(n > 0, "{name} must be at least 1");
-            Ok(n)
-        }
-        Err(_) => Ok(default),
-    }
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
-/// `COWVM_BIN`, or `cowvm` next to this program (target/<profile>/; one level up from deps/ if
-/// run from there).
-fn cowvm_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("COWVM_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().context("current_exe")?;
-    let mut dir = exe.parent().context("bench binary has no directory")?;
-    if dir.file_name().is_some_and(|name| name == "deps") {
-        dir = dir.parent().context("deps/ has no parent")?;
-    }
-    let path = dir.join("cowvm");
-    ensure!(
-        path.exists(),
-        "{} is not built: run `cargo build --release -p vmm` (make bench does) first",
-        path.display()
-    );
-    Ok(path)
 }
