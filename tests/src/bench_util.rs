@@ -7,6 +7,59 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
+/// One table row: a label, its runs, an optional note, and the command that produced them.
+#[derive(Debug)]
+pub struct Row {
+    pub what: String,
+    pub unit: &'static str,
+    pub values: Vec<f64>,
+    pub note: String,
+    pub command: String,
+}
+
+impl Row {
+    pub fn new(what: &str, unit: &'static str, values: Vec<f64>, command: &str) -> Self {
+        Self::noted(
+            what.to_string(),
+            unit,
+            values,
+            String::new(),
+            command.to_string(),
+        )
+    }
+
+    pub fn noted(
+        what: String,
+        unit: &'static str,
+        values: Vec<f64>,
+        note: String,
+        command: String,
+    ) -> Self {
+        Self {
+            what,
+            unit,
+            values,
+            note,
+            command,
+        }
+    }
+
+    pub fn median(&self) -> f64 {
+        median(&self.values)
+    }
+
+    pub fn min(&self) -> f64 {
+        self.values.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.values
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);

@@ -450,6 +450,26 @@ pub fn full_matrix() -> bool {
     std::env::var_os("QCOW_FULL_MATRIX").is_some_and(|v| v != "0" && !v.is_empty())
 }
 
+/// Every cluster size × every refcount width (v3), plus v2, lazy refcounts and metadata
+/// preallocation per cluster size: the `QCOW_FULL_MATRIX=1` image set.
+pub fn full_format_matrix() -> Vec<ImageSpec> {
+    const KIB: u64 = 1024;
+    let mut specs = Vec::new();
+    for cluster_size in [512, 4 * KIB, 64 * KIB, 2048 * KIB] {
+        for refcount_bits in [1, 2, 4, 8, 16, 32, 64] {
+            specs.push(ImageSpec::new(cluster_size, refcount_bits, "1.1"));
+        }
+        specs.push(ImageSpec::new(cluster_size, 16, "0.10"));
+        let mut lazy = ImageSpec::new(cluster_size, 16, "1.1");
+        lazy.lazy_refcounts = true;
+        specs.push(lazy);
+        let mut prealloc = ImageSpec::new(cluster_size, 16, "1.1");
+        prealloc.preallocation_metadata = true;
+        specs.push(prealloc);
+    }
+    specs
+}
+
 /// Prints the skip line and returns true when qemu-img (the judge) is missing.
 pub fn skip_without_qemu() -> bool {
     if crate::have_qemu_img() {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use cowvm_tests::qcow_harness::{
     assert_chain_info_agrees, assert_info_agrees, assert_maps_agree, assert_qcow_check_clean,
-    assert_qcow_reads, full_matrix, library_read_all, qemu_img, qemu_io, qemu_raw_bytes,
-    random_ops, skip_without_qemu, DiskModel, DiskOp, ImageSpec, Rng,
+    assert_qcow_reads, full_format_matrix, full_matrix, library_read_all, qemu_img, qemu_io,
+    qemu_raw_bytes, random_ops, skip_without_qemu, DiskModel, DiskOp, ImageSpec, Rng,
 };
 
 const KIB: u64 = 1024;
@@ -76,20 +76,7 @@ fn verify(image: &Path, model: &DiskModel, context: &str) {
 
 fn plain_matrix() -> Vec<ImageSpec> {
     if full_matrix() {
-        let mut specs = Vec::new();
-        for cluster_size in [512, 4 * KIB, 64 * KIB, 2 * MIB] {
-            for refcount_bits in [1, 2, 4, 8, 16, 32, 64] {
-                specs.push(ImageSpec::new(cluster_size, refcount_bits, "1.1"));
-            }
-            specs.push(ImageSpec::new(cluster_size, 16, "0.10"));
-            let mut lazy = ImageSpec::new(cluster_size, 16, "1.1");
-            lazy.lazy_refcounts = true;
-            specs.push(lazy);
-            let mut prealloc = ImageSpec::new(cluster_size, 16, "1.1");
-            prealloc.preallocation_metadata = true;
-            specs.push(prealloc);
-        }
-        return specs;
+        return full_format_matrix();
     }
     let mut lazy = ImageSpec::new(64 * KIB, 64, "1.1");
     lazy.lazy_refcounts = true;

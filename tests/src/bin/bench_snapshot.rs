@@ -36,7 +36,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cowvm_guest_abi::layout::{max_workload_pages, PAGE_SIZE, WORKLOAD_ADDR};
 use cowvm_tests::bench_util::timing_field;
 use cowvm_tests::bench_util::{
-    command_line, cowvm_binary, env_count, load_average, median, ms, workspace_root,
+    command_line, cowvm_binary, env_count, load_average, median, ms, workspace_root, Row,
 };
 use serde_json::{json, Value};
 
@@ -47,49 +47,6 @@ const GUESSED_RATE: f64 = 290_000.0;
 /// Rounds for the workload: far more than the bench lasts; the VM is killed at the end.
 const ROUNDS: u64 = 1_000_000_000;
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// One table row: a label, its runs, a note, and the command that produced them.
-#[derive(Debug)]
-struct Row {
-    what: String,
-    unit: &'static str,
-    values: Vec<f64>,
-    note: String,
-    command: String,
-}
-
-impl Row {
-    fn new(
-        what: String,
-        unit: &'static str,
-        values: Vec<f64>,
-        note: String,
-        command: String,
-    ) -> Self {
-        Self {
-            what,
-            unit,
-            values,
-            note,
-            command,
-        }
-    }
-
-    fn median(&self) -> f64 {
-        median(&self.values)
-    }
-
-    fn min(&self) -> f64 {
-        self.values.iter().copied().fold(f64::INFINITY, f64::min)
-    }
-
-    fn max(&self) -> f64 {
-        self.values
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max)
-    }
-}
 
 /// A `cowvm` process that is killed (by its pid) and reaped when this drops.
 #[derive(Debug)]
@@ -702,7 +659,7 @@ fn table_rows(results: &[SizeResult]) -> Vec<Row> {
     for r in results {
         let l = &r.label;
         let full = &r.full;
-        rows.push(Row::new(
+        rows.push(Row::noted(
             format!("{l}: full snapshot, guest paused"),
             "ms",
             vec![full.pause_ms],
@@ -722,7 +679,7 @@ fn table_rows(results: &[SizeResult]) -> Vec<Row> {
             let ran: Vec<f64> = snaps.iter().map(|s| ms(s.ran_for)).collect();
             let min_pages = pages.iter().copied().fold(f64::INFINITY, f64::min);
             let max_pages = pages.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            rows.push(Row::new(
+            rows.push(Row::noted(
                 format!("{l}: diff after {what} dirtied, guest paused"),
                 "ms",
                 snaps.iter().map(|s| s.pause_ms).collect(),
@@ -741,7 +698,7 @@ fn table_rows(results: &[SizeResult]) -> Vec<Row> {
                 r.diff_command.clone(),
             ));
         }
-        rows.push(Row::new(
+        rows.push(Row::noted(
             format!("{l}: peer: cp --sparse=always of the full memory file"),
             "ms",
             r.copy_ms.clone(),
@@ -765,14 +722,14 @@ fn table_rows(results: &[SizeResult]) -> Vec<Row> {
                 &r.eager_command,
             ),
         ] {
-            rows.push(Row::new(
+            rows.push(Row::noted(
                 format!("{l}: restore {mode}, vmm_restore_us"),
                 "ms",
                 vmm.clone(),
                 String::new(),
                 command.clone(),
             ));
-            rows.push(Row::new(
+            rows.push(Row::noted(
                 format!("{l}: restore {mode}, process_start_to_running_us"),
                 "ms",
                 start.clone(),

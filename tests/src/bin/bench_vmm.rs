@@ -18,7 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cowvm_guest_abi::{workload, WorkloadArgs};
 use cowvm_tests::bench_util;
 use cowvm_tests::bench_util::{
-    command_line, cowvm_binary, env_count, load_average, median, ms, workspace_root,
+    command_line, cowvm_binary, env_count, load_average, ms, workspace_root, Row,
 };
 
 /// Guest RAM for the throughput workload (the workload's pages plus the fixed low 4 MiB).
@@ -38,41 +38,6 @@ struct CowvmRun {
     /// `--timings` figures, µs.
     start_to_create_us: f64,
     create_to_first_exit_us: f64,
-}
-
-/// One table row: a label, its runs, and the command that produced them.
-#[derive(Debug)]
-struct Row {
-    what: String,
-    unit: &'static str,
-    values: Vec<f64>,
-    command: String,
-}
-
-impl Row {
-    fn new(what: &str, unit: &'static str, values: Vec<f64>, command: &str) -> Self {
-        Self {
-            what: what.to_string(),
-            unit,
-            values,
-            command: command.to_string(),
-        }
-    }
-
-    fn median(&self) -> f64 {
-        median(&self.values)
-    }
-
-    fn min(&self) -> f64 {
-        self.values.iter().copied().fold(f64::INFINITY, f64::min)
-    }
-
-    fn max(&self) -> f64 {
-        self.values
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max)
-    }
 }
 
 fn main() -> Result<()> {
