@@ -60,11 +60,6 @@ pub fn host_limits(kvm: &Kvm) -> HostLimits {
     }
 }
 
-/// Whether `/dev/kvm` can be opened by this process (used to skip KVM tests with a clear line).
-pub fn kvm_usable() -> bool {
-    open_kvm(Path::new("/dev/kvm")).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -249,14 +249,6 @@ impl Vcpu {
         }
     }
 
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
-
     fn ioctl<T>(
         &self,
         op: &'static str,
@@ -566,10 +558,6 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
     /// Sends `request` and interrupts `KVM_RUN` so the thread reads it.
     pub fn send(&self, request: VcpuRequest) -> Result<(), VcpuError> {
         self.requests
