@@ -1,67 +1,17 @@
-//! Backing files: resolving their names, opening them (qcow2 or raw, read-only, bounded depth)
-//! and reading through them.
+//! Backing files: resolving their names and opening them (qcow2 or raw, read-only, bounded depth)
+//! as a [`Disk`].
 
-use std::fs::File;
+use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
+pub use crate::disk::Backing;
+use crate::disk::{open_error, Disk, Format, RawDisk};
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
-use crate::raw::{FileStorage, Storage};
+use crate::raw::{open_options_direct, FileStorage};
 
 /// Deepest backing chain followed.
 pub const MAX_BACKING_DEPTH: usize = 16;
-/// The image underneath unallocated clusters.
-#[derive(Debug)]
-pub enum Backing {
-    Raw {
-        file: FileStorage,
-        size: u64,
-        path: PathBuf,
-    },
-    Qcow {
-        image: Box<Image<FileStorage>>,
-        path: PathBuf,
-    },
-}
-
-impl Backing {
-    /// Virtual size of the backing image.
-    pub fn size(&self) -> u64 {
-        match self {
-            Backing::Raw { size, .. } => *size,
-            Backing::Qcow { image, .. } => image.size(),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        match self {
-            Backing::Raw { path, .. } | Backing::Qcow { path, .. } => path,
-        }
-    }
-
-    pub fn format(&self) -> &'static str {
-        match self {
-            Backing::Raw { .. } => "raw",
-            Backing::Qcow { .. } => "qcow2",
-        }
-    }
-
-    /// Reads at a guest offset; the part past the backing image's end reads as zeros.
-    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.size();
-        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[avail..].fill(0);
-        if avail == 0 {
-            return Ok(());
-        }
-        match self {
-            Backing::Raw { file, .. } => file
-                .read_at(&mut buf[..avail], offset)
-                .map_err(Error::ReadBacking),
-            Backing::Qcow { image, .. } => image.read_at(&mut buf[..avail], offset),
-        }
-    }
-}
 
 /// Resolves a backing file name against the directory of the image that names it.
 pub fn resolve_backing_path(image_path: Option<&Path>, name: &str) -> PathBuf {
@@ -77,6 +27,17 @@ pub fn resolve_backing_path(image_path: Option<&Path>, name: &str) -> PathBuf {
 
 /// Opens a backing image read-only; `format` `None` probes the magic.
 pub fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<Backing> {
+    open_backing_with(path, format, depth, &OpenOptions::default())
+}
+
+/// Like [`open_backing`], with the cache mode (`sync`, `direct`) and cache sizes of the image
+/// above it.
+pub fn open_backing_with(
+    path: &Path,
+    format: Option<&str>,
+    depth: usize,
+    parent: &OpenOptions,
+) -> Result<Backing> {
     let wrap = |source: Error| Error::OpenBacking {
         path: path.to_path_buf(),
         source: Box::new(source),
@@ -84,47 +45,38 @@ pub fn open_backing(path: &Path, format: Option<&str>, depth: usize) -> Result<B
     if depth >= MAX_BACKING_DEPTH {
         return Err(Error::BackingChainTooDeep(MAX_BACKING_DEPTH));
     }
-    let file = File::open(path).map_err(|source| {
-        wrap(Error::OpenFile {
-            path: path.to_path_buf(),
-            source,
-        })
-    })?;
-    let mut storage = FileStorage::new(file);
-    let is_qcow = match format {
-        Some("qcow2") => true,
-        Some("raw") => false,
-        Some(other) => {
-            return Err(wrap(Error::InvalidHeader(format!(
-                "unsupported backing format '{other}'"
-            ))))
-        }
-        None => {
-            let mut magic = [0u8; 4];
-            storage
-                .read_at(&mut magic, 0)
-                .map_err(|e| wrap(Error::ReadHeader(e)))?;
-            u32::from_be_bytes(magic) == crate::header::MAGIC
-        }
+    let options = OpenOptions {
+        read_only: true,
+        check_mode: false,
+        no_backing: false,
+        ..parent.clone()
     };
-    if is_qcow {
-        let options = OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        };
-        let image =
-            Image::open_storage_depth(storage, Some(path.to_path_buf()), &options, depth + 1)
-                .map_err(wrap)?;
-        Ok(Backing::Qcow {
-            image: Box::new(image),
-            path: path.to_path_buf(),
-        })
-    } else {
-        let size = storage.len().map_err(|e| wrap(Error::ReadHeader(e)))?;
-        Ok(Backing::Raw {
-            file: storage,
-            size,
-            path: path.to_path_buf(),
-        })
+    let format = match format {
+        Some(name) => Some(name.parse::<Format>().map_err(wrap)?),
+        None => None,
+    };
+    let format = match format {
+        Some(format) => format,
+        None => Format::probe(path).map_err(wrap)?,
+    };
+    match format {
+        Format::Raw => Ok(Disk::Raw(RawDisk::open(path, &options).map_err(wrap)?)),
+        Format::Qcow2 => {
+            let opened = if options.direct {
+                open_options_direct(false).open(path)
+            } else {
+                FsOpenOptions::new().read(true).open(path)
+            };
+            let file = opened.map_err(|source| wrap(open_error(path, &options, source)))?;
+            let storage = if options.direct {
+                FileStorage::new_direct(file)
+            } else {
+                FileStorage::new(file)
+            };
+            let image =
+                Image::open_storage_depth(storage, Some(path.to_path_buf()), &options, depth + 1)
+                    .map_err(wrap)?;
+            Ok(Disk::Qcow2(Box::new(image)))
+        }
     }
 }

@@ -143,9 +143,10 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
     // One 8-byte counter per cluster of the file: refuse absurd (typically sparse, hostile) files
     // instead of allocating gigabytes.
     if file_clusters > MAX_CHECK_CLUSTERS {
-        return Err(Error::Corrupt(format!(
-            "image file has {file_clusters} clusters; checking more than {MAX_CHECK_CLUSTERS} is not supported"
-        )));
+        return Err(Error::CheckTooLarge {
+            clusters: file_clusters,
+            limit: MAX_CHECK_CLUSTERS,
+        });
     }
     let mut walk = Walk {
         cluster_bits,

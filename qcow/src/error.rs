@@ -1,4 +1,5 @@
-//! The crate's error type: one variant per operation that can fail, each naming what to do.
+//! The crate's error type: one variant per operation that can fail, each naming what to do, with
+//! typed details (`HeaderProblem`, `SnapshotTableProblem`, `Corruption`) that callers can match.
 
 use std::io;
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ pub enum Error {
     #[error("invalid cluster_bits {0}: must be between 9 and 21 (512 B to 2 MiB clusters)")]
     InvalidClusterBits(u32),
     #[error("invalid header: {0}")]
-    InvalidHeader(String),
+    InvalidHeader(#[from] HeaderProblem),
     #[error("unsupported qcow2 feature: incompatible feature bit {bit} ({name}) is set; this image cannot be opened")]
     UnknownIncompatibleFeature { bit: u32, name: String },
     #[error("image is corrupt (corrupt bit set); it can only be opened read-only — run `qcow check -r all` to repair it")]
@@ -51,7 +52,7 @@ pub enum Error {
     #[error("too many snapshots: {0} exceeds the limit of 65536")]
     TooManySnapshots(u64),
     #[error("invalid snapshot table: {0}")]
-    InvalidSnapshotTable(String),
+    InvalidSnapshotTable(#[from] SnapshotTableProblem),
     #[error("backing file name too long ({0} bytes; the limit is 1023)")]
     BackingNameTooLong(u64),
     #[error("header extension {ext_type:#010x} is too large ({len} bytes) for the header cluster")]
@@ -89,7 +90,7 @@ pub enum Error {
         source: io::Error,
     },
     #[error("corrupt image: {0} — run `qcow check` for details")]
-    Corrupt(String),
+    Corrupt(#[from] Corruption),
     #[error("cannot read guest data at host offset {offset:#x}: {source}")]
     ReadData {
         offset: u64,
@@ -104,6 +105,8 @@ pub enum Error {
     },
     #[error("cannot decompress cluster at host offset {offset:#x}: {why}")]
     Decompress { offset: u64, why: String },
+    #[error("cannot compress a cluster: {0}")]
+    Compress(String),
     #[error("cannot flush image: {0}")]
     Flush(#[source] io::Error),
     #[error("cannot resize image file: {0}")]
@@ -124,10 +127,123 @@ pub enum Error {
     ReadBacking(#[source] io::Error),
     #[error("backing chain is deeper than {0} images (loop?)")]
     BackingChainTooDeep(usize),
+    #[error("unsupported image format '{0}' (qcow2 or raw)")]
+    UnsupportedFormat(String),
     #[error("invalid create option: {0}")]
     InvalidOption(String),
     #[error("refcount of cluster {cluster} would overflow the {bits}-bit refcount width")]
     RefcountOverflow { cluster: u64, bits: u32 },
+    #[error("image file has {clusters} clusters; checking more than {limit} is not supported")]
+    CheckTooLarge { clusters: u64, limit: u64 },
+    #[error("cache mode 'none' needs O_DIRECT, which the file system of {path} does not support: {source}")]
+    DirectIoUnsupported {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why a header was refused (beyond the checks with their own `Error` variant).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeaderProblem {
+    #[error("file is only {0} bytes long")]
+    FileTooShort(u64),
+    #[error("file is shorter than a qcow2 header")]
+    ShorterThanV2Header,
+    #[error("file is shorter than a qcow2 v3 header")]
+    ShorterThanV3Header,
+    #[error("header_length {0} is too short (at least 104)")]
+    HeaderLengthTooShort(u32),
+    #[error("header_length {length} exceeds the cluster size {cluster_size}")]
+    HeaderLengthExceedsCluster { length: u32, cluster_size: u64 },
+    #[error("header_length is past the end of the file")]
+    HeaderLengthPastEnd,
+    #[error("unknown compression type {0}")]
+    UnknownCompressionType(u8),
+    #[error("compression type field and incompatible bit 3 disagree")]
+    CompressionBitMismatch,
+    #[error("backing file offset {0:#x} is outside the header cluster")]
+    BackingOffsetOutsideCluster(u64),
+    #[error("backing file name is past the end of the file")]
+    BackingNamePastEnd,
+    #[error("backing format extension is {0} bytes (at most 15)")]
+    BackingFormatTooLong(usize),
+    #[error("encrypted images (crypt_method {0}) are not supported")]
+    Encrypted(u32),
+    #[error("refcount table has zero clusters")]
+    RefcountTableEmpty,
+    #[error("virtual size {size} is too big for cluster size {cluster_size}")]
+    SizeTooBig { size: u64, cluster_size: u64 },
+    #[error(
+        "header and backing file name need {need} bytes but a cluster holds only {cluster_size}"
+    )]
+    DoesNotFitCluster { need: u64, cluster_size: u64 },
+    #[error("extended L2 entries need clusters of at least 16 KiB (cluster_bits {0})")]
+    ExtendedL2ClustersTooSmall(u32),
+}
+
+/// Why a snapshot table was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotTableProblem {
+    #[error("table exceeds {limit} bytes at entry {index}")]
+    TableTooLarge { index: u32, limit: u64 },
+    #[error("entry {index} at {offset:#x} is past the end of the file")]
+    EntryPastEndOfFile { index: u32, offset: u64 },
+    #[error("entry {index} at {offset:#x} runs past the end of the table or file")]
+    EntryRunsPastEnd { index: u32, offset: u64 },
+    #[error("entry {index} has {len} bytes of extra data (at most 1024)")]
+    ExtraDataTooLarge { index: u32, len: u64 },
+    #[error("snapshot {index} L1 table has {entries} entries (too large)")]
+    L1TooLarge { index: u32, entries: u32 },
+    #[error("cannot read the table: {0}")]
+    Read(#[source] io::Error),
+}
+
+/// Inconsistent metadata met while using an image (the image opened fine).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Corruption {
+    #[error(
+        "L2 table offset {entry:#x} (L1 index {l1_index}) is unaligned or has reserved bits set"
+    )]
+    L2OffsetInvalid { l1_index: usize, entry: u64 },
+    #[error("L2 table at {offset:#x} is past the end of the file")]
+    L2TablePastEnd { offset: u64 },
+    #[error("L2 table at {offset:#x} vanished from the cache")]
+    L2TableNotCached { offset: u64 },
+    #[error("L2 entry {entry:#x} points at unaligned host offset {host:#x}")]
+    DataOffsetUnaligned { entry: u64, host: u64 },
+    #[error("L2 entry {entry:#x} has an invalid subcluster bitmap {bitmap:#018x}")]
+    InvalidSubclusterBitmap { entry: u64, bitmap: u64 },
+    #[error("L2 entry points at metadata (host offset {host:#x})")]
+    DataOverlapsMetadata { host: u64 },
+    #[error("L2 entry points past the end of the file (host offset {host:#x})")]
+    DataPastEnd { host: u64 },
+    #[error(
+        "refcount block offset {entry:#x} (refcount table index {index}) is not cluster aligned"
+    )]
+    RefblockUnaligned { index: u64, entry: u64 },
+    #[error("refcount block offset {offset:#x} is out of range")]
+    RefblockOutOfRange { offset: u64 },
+    #[error(
+        "refcount block offset {offset:#x} (refcount table index {index}) overlaps the header, \
+         L1 table, refcount table or snapshot table"
+    )]
+    RefblockOverlapsMetadata { index: u64, offset: u64 },
+    #[error("refcount block at {offset:#x} is past the end of the file")]
+    RefblockPastEnd { offset: u64 },
+    #[error("cluster {cluster} has no refcount block but its refcount is being changed")]
+    NoRefcountBlock { cluster: u64 },
+    #[error("refcount of cluster {cluster} would drop below zero")]
+    RefcountBelowZero { cluster: u64 },
+    #[error(
+        "refcount table entry {index} is empty although the clusters it covers are inside the \
+         file; run `qcow check -r all`"
+    )]
+    RefcountTableEntryMissing { index: u64 },
+    #[error("could not repair dirty image: {remaining} corruptions remain")]
+    DirtyRepairFailed { remaining: u64 },
+    #[error("snapshot L1 table at {offset:#x} is past the end of the file")]
+    SnapshotL1PastEnd { offset: u64 },
 }
 
 /// Shorthand used throughout the crate.

@@ -2,7 +2,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, HeaderProblem, Result};
 
 /// `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -142,9 +142,7 @@ impl Header {
     /// cluster for extensions and the backing name). `file_len` bounds table offsets.
     pub fn parse(buf: &[u8]) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
-            return Err(Error::InvalidHeader(
-                "file is shorter than a qcow2 header".into(),
-            ));
+            return Err(HeaderProblem::ShorterThanV2Header.into());
         }
         let be32 = |off: usize| BigEndian::read_u32(&buf[off..off + 4]);
         let be64 = |off: usize| BigEndian::read_u64(&buf[off..off + 8]);
@@ -173,9 +171,7 @@ impl Header {
         header.snapshots_offset = be64(64);
         if version >= 3 {
             if buf.len() < V3_MIN_HEADER_LEN as usize {
-                return Err(Error::InvalidHeader(
-                    "file is shorter than a qcow2 v3 header".into(),
-                ));
+                return Err(HeaderProblem::ShorterThanV3Header.into());
             }
             header.incompatible_features = be64(72);
             header.compatible_features = be64(80);
@@ -183,21 +179,17 @@ impl Header {
             header.refcount_order = be32(96);
             header.header_length = be32(100);
             if header.header_length < V3_MIN_HEADER_LEN {
-                return Err(Error::InvalidHeader(format!(
-                    "header_length {} is too short (at least 104)",
-                    header.header_length
-                )));
+                return Err(HeaderProblem::HeaderLengthTooShort(header.header_length).into());
             }
             if u64::from(header.header_length) > cluster_size {
-                return Err(Error::InvalidHeader(format!(
-                    "header_length {} exceeds the cluster size {cluster_size}",
-                    header.header_length
-                )));
+                return Err(HeaderProblem::HeaderLengthExceedsCluster {
+                    length: header.header_length,
+                    cluster_size,
+                }
+                .into());
             }
             if header.header_length as usize > buf.len() {
-                return Err(Error::InvalidHeader(
-                    "header_length is past the end of the file".into(),
-                ));
+                return Err(HeaderProblem::HeaderLengthPastEnd.into());
             }
             let compression = if header.header_length > 104 {
                 buf[104]
@@ -208,16 +200,12 @@ impl Header {
                 0 => CompressionType::Deflate,
                 1 => CompressionType::Zstd,
                 other => {
-                    return Err(Error::InvalidHeader(format!(
-                        "unknown compression type {other}"
-                    )));
+                    return Err(HeaderProblem::UnknownCompressionType(other).into());
                 }
             };
             let has_bit = header.incompatible_features & INCOMPAT_COMPRESSION != 0;
             if has_bit != (compression != 0) {
-                return Err(Error::InvalidHeader(
-                    "compression type field and incompatible bit 3 disagree".into(),
-                ));
+                return Err(HeaderProblem::CompressionBitMismatch.into());
             }
             if header.header_length > V3_HEADER_LEN {
                 header.unknown_header_fields =
@@ -225,9 +213,7 @@ impl Header {
             }
         }
         if backing_file_offset > cluster_size {
-            return Err(Error::InvalidHeader(format!(
-                "backing file offset {backing_file_offset:#x} is outside the header cluster"
-            )));
+            return Err(HeaderProblem::BackingOffsetOutsideCluster(backing_file_offset).into());
         }
         if backing_file_offset != 0 {
             let room = cluster_size - backing_file_offset;
@@ -237,9 +223,7 @@ impl Header {
             let start = backing_file_offset as usize;
             let end = start + backing_file_size as usize;
             if end > buf.len() {
-                return Err(Error::InvalidHeader(
-                    "backing file name is past the end of the file".into(),
-                ));
+                return Err(HeaderProblem::BackingNamePastEnd.into());
             }
             header.backing_file = Some(String::from_utf8_lossy(&buf[start..end]).into_owned());
         }
@@ -273,9 +257,7 @@ impl Header {
             match ext_type {
                 EXT_BACKING_FORMAT => {
                     if len > 15 {
-                        return Err(Error::InvalidHeader(format!(
-                            "backing format extension is {len} bytes (at most 15)"
-                        )));
+                        return Err(HeaderProblem::BackingFormatTooLong(len).into());
                     }
                     self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
                 }
@@ -317,10 +299,7 @@ impl Header {
             return Err(Error::UnknownIncompatibleFeature { bit, name });
         }
         if self.crypt_method != 0 {
-            return Err(Error::InvalidHeader(format!(
-                "encrypted images (crypt_method {}) are not supported",
-                self.crypt_method
-            )));
+            return Err(HeaderProblem::Encrypted(self.crypt_method).into());
         }
         if self.refcount_order > 6 {
             return Err(Error::InvalidRefcountOrder(self.refcount_order));
@@ -331,9 +310,7 @@ impl Header {
     fn validate_tables(&self) -> Result<()> {
         let cluster_size = self.cluster_size();
         if self.refcount_table_clusters == 0 {
-            return Err(Error::InvalidHeader(
-                "refcount table has zero clusters".into(),
-            ));
+            return Err(HeaderProblem::RefcountTableEmpty.into());
         }
         let reftable_bytes = u64::from(self.refcount_table_clusters) * cluster_size;
         if reftable_bytes > MAX_REFTABLE_BYTES {
@@ -362,10 +339,11 @@ impl Header {
         }
         let need = Header::l1_entries_for(self.size, self.cluster_bits);
         if need > MAX_L1_BYTES / 8 {
-            return Err(Error::InvalidHeader(format!(
-                "virtual size {} is too big for cluster size {cluster_size}",
-                self.size
-            )));
+            return Err(HeaderProblem::SizeTooBig {
+                size: self.size,
+                cluster_size,
+            }
+            .into());
         }
         if u64::from(self.l1_size) < need {
             return Err(Error::L1TableTooSmall {
@@ -448,11 +426,11 @@ impl Header {
             buf.extend_from_slice(name);
         }
         if buf.len() as u64 > self.cluster_size() {
-            return Err(Error::InvalidHeader(format!(
-                "header and backing file name need {} bytes but a cluster holds only {}",
-                buf.len(),
-                self.cluster_size()
-            )));
+            return Err(HeaderProblem::DoesNotFitCluster {
+                need: buf.len() as u64,
+                cluster_size: self.cluster_size(),
+            }
+            .into());
         }
         Ok(buf)
     }
@@ -568,7 +546,7 @@ mod tests {
         let bytes = header.encode().unwrap();
         assert!(matches!(
             Header::parse(&bytes),
-            Err(Error::InvalidHeader(_))
+            Err(Error::InvalidHeader(HeaderProblem::CompressionBitMismatch))
         ));
         header.incompatible_features |= INCOMPAT_COMPRESSION;
         let bytes = header.encode().unwrap();

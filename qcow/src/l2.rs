@@ -1,6 +1,6 @@
 //! L1 and L2 table entries: masks, flags and decoding of a guest cluster's mapping.
 
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Result};
 
 /// Host offset bits of L1 and standard L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -41,9 +41,7 @@ impl Mapping {
         let host = entry & OFFSET_MASK;
         let cluster_size = 1u64 << cluster_bits;
         if host % cluster_size != 0 {
-            return Err(Error::Corrupt(format!(
-                "L2 entry {entry:#x} points at unaligned host offset {host:#x}"
-            )));
+            return Err(Corruption::DataOffsetUnaligned { entry, host }.into());
         }
         if entry & ZERO != 0 {
             return Ok(if host == 0 {

@@ -2,8 +2,12 @@
 //!
 //! Layers, bottom up: [`raw`] (byte I/O on the file) → [`cache`] (bounded table caches that write
 //! back through the caller) → [`refcount`] (refcounts and the cluster allocator) → [`l2`] (mapping
-//! entries) → [`image`] (`Image`: byte-granular read/write/zero/discard/flush) → [`check`],
-//! [`create`], [`map`] (what the `qcow` CLI exposes).
+//! entries) → [`image`] (`Image`: byte-granular read/write/zero/discard/flush) → [`disk`] (`Disk`:
+//! a qcow2 image or a raw file) → [`check`], [`create`], [`map`] (what the `qcow` CLI exposes).
+//!
+//! Errors are one [`Error`] enum with typed details ([`Corruption`], [`HeaderProblem`],
+//! [`SnapshotTableProblem`]). The `cli` feature (on by default) builds the `qcow` binary and brings
+//! its dependencies (clap, anyhow, …); the library itself never uses them.
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -12,6 +16,7 @@ pub mod cache;
 pub mod check;
 mod compress;
 pub mod create;
+pub mod disk;
 pub mod error;
 pub mod header;
 pub mod image;
@@ -23,7 +28,8 @@ pub mod snapshot;
 
 pub use check::{check, CheckReport, Repair};
 pub use create::{create, create_on, create_raw, CreateOptions, Preallocation};
-pub use error::{Error, Result};
+pub use disk::{Disk, Format, RawDisk};
+pub use error::{Corruption, Error, HeaderProblem, Result, SnapshotTableProblem};
 pub use image::{Backing, Image, OpenOptions};
 pub use map::{map, MapEntry};
 pub use raw::{FileStorage, MemStorage, Storage};

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::image::{Backing, Image};
 use crate::l2::Mapping;
@@ -91,12 +92,13 @@ fn status<S: Storage>(
                 (Some(backing), Some(size)) if offset < size => {
                     let len = length.min(size - offset);
                     match backing {
-                        Backing::Qcow { image: lower, .. } => {
-                            status(lower, offset, len, depth + 1)?
-                        }
-                        Backing::Raw { file, path, .. } => {
-                            let (is_data, run) =
-                                file.extent_at(offset, len).map_err(Error::ReadBacking)?;
+                        Disk::Qcow2(lower) => status(lower, offset, len, depth + 1)?,
+                        Disk::Raw(raw) => {
+                            let path = raw.path().to_path_buf();
+                            let (is_data, run) = raw
+                                .storage_mut()
+                                .extent_at(offset, len)
+                                .map_err(Error::ReadBacking)?;
                             MapEntry {
                                 start: 0,
                                 length: run.max(1),
@@ -106,7 +108,7 @@ fn status<S: Storage>(
                                 data: is_data,
                                 compressed: false,
                                 offset: Some(offset),
-                                file: Some(path.clone()),
+                                file: Some(path),
                             }
                         }
                     }

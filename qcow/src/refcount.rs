@@ -4,7 +4,7 @@
 use byteorder::{BigEndian, ByteOrder};
 
 use crate::cache::TableCache;
-use crate::error::{Error, Result};
+use crate::error::{Corruption, Error, Result};
 use crate::header::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::raw::Storage;
 
@@ -129,20 +129,13 @@ impl Refcounts {
             return Ok(0);
         }
         if offset % self.cluster_size() != 0 || entry & !REFTABLE_OFFSET_MASK != 0 {
-            return Err(Error::Corrupt(format!(
-                "refcount block offset {entry:#x} (refcount table index {index}) is not cluster aligned"
-            )));
+            return Err(Corruption::RefblockUnaligned { index, entry }.into());
         }
         if offset > MAX_HOST_OFFSET {
-            return Err(Error::Corrupt(format!(
-                "refcount block offset {offset:#x} is out of range"
-            )));
+            return Err(Corruption::RefblockOutOfRange { offset }.into());
         }
         if self.overlaps_protected(offset) {
-            return Err(Error::Corrupt(format!(
-                "refcount block offset {offset:#x} (refcount table index {index}) overlaps the \
-                 header, L1 table, refcount table or snapshot table"
-            )));
+            return Err(Corruption::RefblockOverlapsMetadata { index, offset }.into());
         }
         Ok(offset)
     }
@@ -155,9 +148,7 @@ impl Refcounts {
             .len()
             .map_err(|source| Error::ReadRefcountBlock { offset, source })?;
         if offset + self.cluster_size() > file_len {
-            return Err(Error::Corrupt(format!(
-                "refcount block at {offset:#x} is past the end of the file"
-            )));
+            return Err(Corruption::RefblockPastEnd { offset }.into());
         }
         let mut block = vec![0u8; self.cluster_size() as usize];
         file.read_at(&mut block, offset)
@@ -198,9 +189,7 @@ impl Refcounts {
         }
         let offset = self.block_offset(cluster)?;
         if offset == 0 {
-            return Err(Error::Corrupt(format!(
-                "cluster {cluster} has no refcount block but its refcount is being changed"
-            )));
+            return Err(Corruption::NoRefcountBlock { cluster }.into());
         }
         self.load_block(file, offset)?;
         let index = (cluster % self.entries_per_block) as usize;
@@ -230,11 +219,9 @@ impl Refcounts {
         for cluster in first..=last {
             let current = self.get(file, cluster)?;
             let new = if delta < 0 {
-                current.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
-                    Error::Corrupt(format!(
-                        "refcount of cluster {cluster} would drop below zero"
-                    ))
-                })?
+                current
+                    .checked_sub(delta.unsigned_abs())
+                    .ok_or(Corruption::RefcountBelowZero { cluster })?
             } else {
                 current + delta as u64
             };
@@ -338,10 +325,7 @@ impl Refcounts {
             .iter()
             .any(|&(off, len)| off < end_byte && start_byte < off + len);
         if covers_metadata || block_cluster >= range_end {
-            return Err(Error::Corrupt(format!(
-                "refcount table entry {index} is empty although the clusters it covers are inside \
-                 the file; run `qcow check -r all`"
-            )));
+            return Err(Corruption::RefcountTableEntryMissing { index }.into());
         }
         let offset = block_cluster << self.cluster_bits;
         let mut block = vec![0u8; self.cluster_size() as usize];

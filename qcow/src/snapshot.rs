@@ -2,7 +2,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SnapshotTableProblem as Problem};
 use crate::header::{check_table_offset, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use crate::raw::Storage;
 
@@ -40,48 +40,54 @@ pub fn read_table<S: Storage + ?Sized>(
         return Err(Error::TooManySnapshots(u64::from(count)));
     }
     check_table_offset("snapshot table", offset, 0, cluster_size)?;
-    let file_len = file
-        .len()
-        .map_err(|e| Error::InvalidSnapshotTable(e.to_string()))?;
+    let file_len = file.len().map_err(Problem::Read)?;
     let mut snapshots = Vec::new();
     let mut pos = offset;
-    let bad = |why: String| Error::InvalidSnapshotTable(why);
     for i in 0..count {
         if pos - offset + 40 > MAX_TABLE_BYTES {
-            return Err(bad(format!(
-                "table exceeds {MAX_TABLE_BYTES} bytes at entry {i}"
-            )));
+            return Err(Problem::TableTooLarge {
+                index: i,
+                limit: MAX_TABLE_BYTES,
+            }
+            .into());
         }
         if pos + 40 > file_len {
-            return Err(bad(format!(
-                "entry {i} at {pos:#x} is past the end of the file"
-            )));
+            return Err(Problem::EntryPastEndOfFile {
+                index: i,
+                offset: pos,
+            }
+            .into());
         }
         let mut fixed = [0u8; 40];
-        file.read_at(&mut fixed, pos)
-            .map_err(|e| bad(e.to_string()))?;
+        file.read_at(&mut fixed, pos).map_err(Problem::Read)?;
         let l1_table_offset = BigEndian::read_u64(&fixed[0..]);
         let l1_size = BigEndian::read_u32(&fixed[8..]);
         let id_len = u64::from(BigEndian::read_u16(&fixed[12..]));
         let name_len = u64::from(BigEndian::read_u16(&fixed[14..]));
         let extra_len = u64::from(BigEndian::read_u32(&fixed[36..]));
         if extra_len > MAX_EXTRA_DATA {
-            return Err(bad(format!(
-                "entry {i} has {extra_len} bytes of extra data (at most 1024)"
-            )));
+            return Err(Problem::ExtraDataTooLarge {
+                index: i,
+                len: extra_len,
+            }
+            .into());
         }
         let unpadded_len = 40 + extra_len + id_len + name_len;
         let entry_len = unpadded_len.div_ceil(8) * 8;
         // The padding after the last entry may lie past the end of the file.
         if pos - offset + entry_len > MAX_TABLE_BYTES || pos + unpadded_len > file_len {
-            return Err(bad(format!(
-                "entry {i} at {pos:#x} runs past the end of the table or file"
-            )));
+            return Err(Problem::EntryRunsPastEnd {
+                index: i,
+                offset: pos,
+            }
+            .into());
         }
         if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(bad(format!(
-                "snapshot {i} L1 table has {l1_size} entries (too large)"
-            )));
+            return Err(Problem::L1TooLarge {
+                index: i,
+                entries: l1_size,
+            }
+            .into());
         }
         if l1_size > 0 {
             check_table_offset(
@@ -92,8 +98,7 @@ pub fn read_table<S: Storage + ?Sized>(
             )?;
         }
         let mut rest = vec![0u8; (entry_len - 40) as usize];
-        file.read_at(&mut rest, pos + 40)
-            .map_err(|e| bad(e.to_string()))?;
+        file.read_at(&mut rest, pos + 40).map_err(Problem::Read)?;
         let extra = &rest[..extra_len as usize];
         let read_extra =
             |at: usize| (extra.len() >= at + 8).then(|| BigEndian::read_u64(&extra[at..]));

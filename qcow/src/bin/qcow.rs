@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use bench::BenchOptions;
-use disk::{probe, Disk};
+use disk::{open_disk, probe};
 use lib::{CreateOptions, Image, OpenOptions, Storage};
 use qcow as lib;
 
@@ -122,9 +122,9 @@ enum Command {
         file: PathBuf,
     },
     /// Benchmark like qemu-img bench. Requests are issued sequentially on one thread; -d is accepted
-    /// and echoed but does not add parallelism. -t none/directsync do not use O_DIRECT (the library
-    /// has no unsafe code for aligned buffers): none behaves like writeback, writethrough/directsync
-    /// flush after every write, unsafe never flushes.
+    /// and echoed but does not add parallelism. -t none/directsync open the image with O_DIRECT
+    /// (bypassing the page cache), writethrough/directsync flush after every write, unsafe never
+    /// flushes.
     Bench {
         #[arg(short = 'c', long = "count", default_value_t = 75000)]
         count: u64,
@@ -259,12 +259,7 @@ fn run(cli: Cli) -> Result<u8> {
             file,
             ..
         } => {
-            let (sync, flush_each_write) = match cache.as_str() {
-                "none" | "writeback" => (true, false),
-                "writethrough" | "directsync" => (true, true),
-                "unsafe" => (false, false),
-                other => bail!("invalid cache option '{other}' (none, writeback, writethrough, directsync, unsafe)"),
-            };
+            let cache_mode = disk::CacheMode::parse(&cache)?;
             if flush_interval > 0 && !write {
                 bail!("--flush-interval is only available in write tests");
             }
@@ -282,14 +277,14 @@ fn run(cli: Cli) -> Result<u8> {
                 write,
                 pattern: u8::try_from(pattern_value).context("--pattern must be a byte value")?,
                 flush_interval,
-                flush_each_write,
+                flush_each_write: cache_mode.flush_each_write,
                 drain: !no_drain,
                 quiet,
             };
-            let mut disk = Disk::open(&file, format.as_deref(), !write, sync)?;
+            let mut disk = open_disk(&file, format.as_deref(), &cache_mode.open_options(!write))?;
             bench::run(&mut disk, &options).with_context(|| format!("{}", file.display()))?;
             let _ = options.drain;
-            disk.flush()
+            disk.close()
                 .with_context(|| format!("{}", file.display()))?;
             Ok(0)
         }
@@ -546,7 +541,14 @@ fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -
         )
     });
     let read_only = read_only || !writes;
-    let mut disk = Disk::open(file, format, read_only, true)?;
+    let mut disk = open_disk(
+        file,
+        format,
+        &OpenOptions {
+            read_only,
+            ..OpenOptions::default()
+        },
+    )?;
     let mut failed = false;
     for (command, text) in parsed.iter().zip(commands) {
         if let Err(e) = io_cmd::run(&mut disk, command) {
@@ -555,8 +557,8 @@ fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -
         }
     }
     if !read_only {
-        if let Err(e) = disk.flush() {
-            eprintln!("qcow: {name}: flush failed: {}", describe(&e));
+        if let Err(e) = disk.close() {
+            eprintln!("qcow: {name}: flush failed: {}", describe(&e.into()));
             failed = true;
         }
     }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use crate::disk::Disk;
+use qcow::Disk;
 
 /// Parameters, named after qemu-img bench's options.
 #[derive(Debug, Clone)]

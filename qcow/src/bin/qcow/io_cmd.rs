@@ -4,8 +4,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::disk::Disk;
 use crate::human_size;
+use qcow::Disk;
 
 /// One parsed qemu-io command.
 #[derive(Debug, PartialEq, Eq)]

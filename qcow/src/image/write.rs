@@ -1,0 +1,274 @@
+//! Writing: in-place writes to clusters the image owns alone, and allocation with copy-on-write
+//! for unallocated, zero, compressed and shared clusters.
+
+use super::Image;
+use crate::error::{Corruption, Error, Result};
+use crate::l2::{Mapping, COPIED};
+use crate::raw::{AlignedBuf, Storage};
+
+/// Deferred frees beyond which a write forces a flush (bounds memory).
+const MAX_PENDING_FREES: usize = 4096;
+
+impl<S: Storage> Image<S> {
+    pub(crate) fn write_host(&mut self, buf: &[u8], host: u64) -> Result<()> {
+        self.file
+            .write_at(buf, host)
+            .map_err(|source| Error::WriteData {
+                offset: host,
+                source,
+            })
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at guest offset `offset`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len())?;
+        let mut done = 0usize;
+        // Clusters that can be overwritten in place and lie back to back on the host are written
+        // with one call: (host offset, buffer start, length).
+        let mut run: Option<(u64, usize, usize)> = None;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let in_cluster = guest & (self.cluster_size - 1);
+            let n = ((self.cluster_size - in_cluster) as usize).min(buf.len() - done);
+            if let Mapping::Normal { host, copied: true } = self.mapping(guest)? {
+                self.check_in_place(host)?;
+                let host = host + in_cluster;
+                run = match run {
+                    Some((start, at, len)) if start + len as u64 == host => {
+                        Some((start, at, len + n))
+                    }
+                    Some((start, at, len)) => {
+                        self.write_host(&buf[at..at + len], start)?;
+                        Some((host, done, n))
+                    }
+                    None => Some((host, done, n)),
+                };
+            } else {
+                if let Some((start, at, len)) = run.take() {
+                    self.write_host(&buf[at..at + len], start)?;
+                }
+                self.write_cluster(guest, Some(&buf[done..done + n]), n)?;
+            }
+            done += n;
+        }
+        if let Some((start, at, len)) = run {
+            self.write_host(&buf[at..at + len], start)?;
+        }
+        self.bound_pending()
+    }
+
+    /// Refuses in-place writes to a data cluster that overlaps metadata or lies past the file.
+    pub(crate) fn check_in_place(&mut self, host: u64) -> Result<()> {
+        if self.refcounts.overlaps_protected(host) {
+            return Err(Corruption::DataOverlapsMetadata { host }.into());
+        }
+        if host >= self.known_len {
+            self.known_len = self.file.len().map_err(|source| Error::WriteData {
+                offset: host,
+                source,
+            })?;
+            if host >= self.known_len {
+                return Err(Corruption::DataPastEnd { host }.into());
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn bound_pending(&mut self) -> Result<()> {
+        if self.pending_frees.len() > MAX_PENDING_FREES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the L2 table covering `guest` writable (allocating or copying it) and cached; returns
+    /// its offset and the entry index.
+    pub(crate) fn l2_for_write(&mut self, guest: u64) -> Result<(u64, usize)> {
+        let l1_index = self.l1_index(guest);
+        if l1_index >= self.l1.len() {
+            return Err(Error::OutOfBounds {
+                offset: guest,
+                len: 0,
+                size: self.header.size,
+            });
+        }
+        let entry = self.l1[l1_index];
+        let old_offset = self.l2_offset_of(l1_index)?;
+        let index = self.l2_index(guest);
+        if old_offset != 0 && entry & COPIED != 0 {
+            self.load_l2(old_offset)?;
+            return Ok((old_offset, index));
+        }
+        let table = if old_offset == 0 {
+            vec![0u64; 1 << self.l2_bits]
+        } else {
+            // Shared with a snapshot: copy it (its clusters stay shared, so entries keep COPIED clear).
+            self.load_l2(old_offset)?;
+            let table = self.l2_cache.get(old_offset).cloned().unwrap_or_default();
+            self.l2_cache.remove(old_offset);
+            self.pending_frees.push((old_offset, self.cluster_size));
+            table
+        };
+        let new_offset = self.alloc_cluster()?;
+        // Ordering: the new table is only written back after the refcount barrier (eviction or
+        // flush), and the L1 entry below only reaches the disk after the table did (flush step 3).
+        self.insert_l2(new_offset, table, true)?;
+        self.set_l1(l1_index, new_offset | COPIED);
+        Ok((new_offset, index))
+    }
+
+    pub(crate) fn set_l1(&mut self, index: usize, value: u64) {
+        self.l1[index] = value;
+        self.l1_dirty = Some(match self.l1_dirty {
+            Some((lo, hi)) => (lo.min(index), hi.max(index + 1)),
+            None => (index, index + 1),
+        });
+    }
+
+    pub(crate) fn alloc_cluster(&mut self) -> Result<u64> {
+        self.metadata_preallocated = None;
+        let offset = self.refcounts.alloc(&mut self.file, 1)?;
+        self.alloc_end = self.alloc_end.max(offset + self.cluster_size);
+        Ok(offset)
+    }
+
+    pub(crate) fn set_l2_entry(&mut self, l2_offset: u64, index: usize, value: u64) -> Result<()> {
+        match self.l2_cache.get_mut(l2_offset) {
+            Some(table) => {
+                table[index] = value;
+                Ok(())
+            }
+            None => Err(Corruption::L2TableNotCached { offset: l2_offset }.into()),
+        }
+    }
+
+    /// Writes `len` bytes inside one guest cluster: `data`, or zeros when `None`.
+    pub(crate) fn write_cluster(
+        &mut self,
+        guest: u64,
+        data: Option<&[u8]>,
+        len: usize,
+    ) -> Result<()> {
+        let in_cluster = guest & (self.cluster_size - 1);
+        let cluster_start = guest - in_cluster;
+        let (l2_offset, index) = self.l2_for_write(guest)?;
+        let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
+        let mapping = Mapping::decode(entry, self.cluster_bits)?;
+        if let Mapping::Normal { host, copied: true } = mapping {
+            self.check_in_place(host)?;
+            let at = host + in_cluster;
+            return match data {
+                Some(data) => self.file.write_at(data, at),
+                None => self.file.write_at(&vec![0u8; len], at),
+            }
+            .map_err(|source| Error::WriteData { offset: at, source });
+        }
+        // A preallocated zero cluster that is ours alone is reused in place (filled with zeros
+        // around the new data); anything else gets a new cluster.
+        let reuse = match mapping {
+            Mapping::ZeroAlloc { host }
+                if entry & COPIED != 0
+                    && host < self.known_len
+                    && !self.refcounts.overlaps_protected(host) =>
+            {
+                Some(host)
+            }
+            _ => None,
+        };
+        let new_host = match reuse {
+            Some(host) => host,
+            None => self.alloc_cluster()?,
+        };
+        // Every write extends the file, so a cluster starting at or past its end has never been
+        // written and reads as zeros (a freed and reused cluster is always below the end).
+        let fresh = reuse.is_none()
+            && new_host
+                >= self.file.len().map_err(|source| Error::WriteData {
+                    offset: new_host,
+                    source,
+                })?;
+        let old_reads_zero = match mapping {
+            Mapping::ZeroPlain | Mapping::ZeroAlloc { .. } => true,
+            Mapping::Unallocated => self
+                .backing
+                .as_ref()
+                .is_none_or(|b| b.size() <= cluster_start),
+            _ => false,
+        };
+        if len as u64 == self.cluster_size && data.is_some() {
+            if let Some(data) = data {
+                self.file
+                    .write_at(data, new_host)
+                    .map_err(|source| Error::WriteData {
+                        offset: new_host,
+                        source,
+                    })?;
+            }
+        } else if old_reads_zero && fresh {
+            // The new cluster reads as zeros already: write only the new bytes.
+            if let Some(data) = data {
+                let at = new_host + in_cluster;
+                self.file
+                    .write_at(data, at)
+                    .map_err(|source| Error::WriteData { offset: at, source })?;
+            }
+        } else {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            if scratch.len() != self.cluster_size as usize {
+                scratch = AlignedBuf::new(self.cluster_size as usize);
+            }
+            let buf = scratch.as_mut_slice();
+            let read = if old_reads_zero {
+                buf.fill(0);
+                Ok(())
+            } else {
+                self.read_unmapped(mapping, cluster_start, buf)
+            };
+            let range = in_cluster as usize..in_cluster as usize + len;
+            match data {
+                Some(data) => buf[range].copy_from_slice(data),
+                None => buf[range].fill(0),
+            }
+            let result = match read {
+                Ok(()) => self.file.write_at(buf, new_host),
+                Err(e) => {
+                    self.scratch = scratch;
+                    return Err(e);
+                }
+            };
+            self.scratch = scratch;
+            result.map_err(|source| Error::WriteData {
+                offset: new_host,
+                source,
+            })?;
+        }
+        // Ordering: the entry publishing the new cluster sits in the cached L2 table, which is only
+        // written after the refcount barrier that also makes this data durable.
+        self.set_l2_entry(l2_offset, index, new_host | COPIED)?;
+        if reuse.is_none() {
+            self.release(mapping);
+        }
+        Ok(())
+    }
+
+    /// Queues the reference `mapping` held for release after the next metadata flush.
+    pub(crate) fn release(&mut self, mapping: Mapping) {
+        if let Some(range) = mapping.host_range(self.cluster_size) {
+            self.pending_frees.push(range);
+        }
+        if let (Mapping::Compressed { host, .. }, Some((cached, _))) = (mapping, &self.decompressed)
+        {
+            if *cached == host {
+                self.decompressed = None;
+            }
+        }
+    }
+}
