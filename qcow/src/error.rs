@@ -135,6 +135,10 @@ pub enum Error {
     RefcountOverflow { cluster: u64, bits: u32 },
     #[error("image file has {clusters} clusters; checking more than {limit} is not supported")]
     CheckTooLarge { clusters: u64, limit: u64 },
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("interrupted")]
+    Interrupted,
     #[error("cache mode 'none' needs O_DIRECT, which the file system of {path} does not support: {source}")]
     DirectIoUnsupported {
         path: PathBuf,

@@ -17,8 +17,11 @@ use crate::snapshot::Snapshot;
 mod flush;
 mod open;
 mod read;
+mod tree;
 mod write;
 mod zero;
+
+pub(crate) use flush::write_l2;
 
 /// How to open an image.
 #[derive(Debug, Clone)]

@@ -9,6 +9,8 @@ pub const COPIED: u64 = 1 << 63;
 pub const COMPRESSED: u64 = 1 << 62;
 /// v3 zero flag of standard L2 entries.
 pub const ZERO: u64 = 1;
+/// Subcluster bitmap of an extended L2 entry with every subcluster allocated.
+pub const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Reserved bits of an L1 entry.
 pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 

@@ -33,6 +33,7 @@ pub use error::{Corruption, Error, HeaderProblem, Result, SnapshotTableProblem};
 pub use image::{Backing, Image, OpenOptions};
 pub use map::{map, MapEntry};
 pub use raw::{FileStorage, MemStorage, Storage};
+pub use snapshot::{NewSnapshot, Snapshot, SnapshotError};
 
 /// Parses a size the way qemu-img does: a number with an optional `k`/`K`, `M`, `G`, `T`, `P`, `E`
 /// (binary) or `b` suffix; fractions are allowed with a suffix (`1.5G`).

@@ -1,10 +1,15 @@
-//! The internal snapshot table: parsing and validation (snapshots are read, never created).
+//! The internal snapshot table: parsing with QEMU's limits, and encoding. Creating, applying and
+//! deleting snapshots is in `snapshot/ops.rs`.
 
 use byteorder::{BigEndian, ByteOrder};
 
 use crate::error::{Error, Result, SnapshotTableProblem as Problem};
 use crate::header::{check_table_offset, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use crate::raw::Storage;
+
+mod ops;
+
+pub use ops::{NewSnapshot, SnapshotError};
 
 /// QEMU's cap on the whole table and on one entry's extra data.
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
@@ -23,6 +28,56 @@ pub struct Snapshot {
     pub vm_state_size: u64,
     pub disk_size: Option<u64>,
     pub icount: Option<u64>,
+    /// Extra data past the fields this version knows (kept verbatim when the table is rewritten).
+    pub unknown_extra: Vec<u8>,
+}
+
+/// Size of the extra data QEMU writes: VM state size, disk size, icount.
+const KNOWN_EXTRA: usize = 24;
+
+impl Snapshot {
+    /// Length of this entry in the table, padding included.
+    pub fn encoded_len(&self) -> u64 {
+        let unpadded =
+            40 + KNOWN_EXTRA + self.unknown_extra.len() + self.id.len() + self.name.len();
+        unpadded.div_ceil(8) as u64 * 8
+    }
+
+    /// Appends this entry (padded to 8 bytes) to `out`, as QEMU writes it.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        let mut fixed = [0u8; 40];
+        BigEndian::write_u64(&mut fixed[0..], self.l1_table_offset);
+        BigEndian::write_u32(&mut fixed[8..], self.l1_size);
+        BigEndian::write_u16(&mut fixed[12..], self.id.len() as u16);
+        BigEndian::write_u16(&mut fixed[14..], self.name.len() as u16);
+        BigEndian::write_u32(&mut fixed[16..], self.date_sec);
+        BigEndian::write_u32(&mut fixed[20..], self.date_nsec);
+        BigEndian::write_u64(&mut fixed[24..], self.vm_clock_nsec);
+        // The 32-bit field is the legacy copy; the 64-bit one in the extra data is the real one.
+        BigEndian::write_u32(&mut fixed[32..], self.vm_state_size as u32);
+        BigEndian::write_u32(
+            &mut fixed[36..],
+            (KNOWN_EXTRA + self.unknown_extra.len()) as u32,
+        );
+        out.extend_from_slice(&fixed);
+        out.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        out.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        out.extend_from_slice(&self.unknown_extra);
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.resize(start + self.encoded_len() as usize, 0);
+    }
+}
+
+/// The encoded table of `snapshots`.
+pub fn encode_table(snapshots: &[Snapshot]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for snapshot in snapshots {
+        snapshot.encode_into(&mut out);
+    }
+    out
 }
 
 /// Reads and validates `count` snapshot entries at `offset`. Returns the snapshots and the table's
@@ -116,6 +171,7 @@ pub fn read_table<S: Storage + ?Sized>(
             vm_state_size: read_extra(0).unwrap_or(u64::from(BigEndian::read_u32(&fixed[32..]))),
             disk_size: read_extra(8),
             icount: read_extra(16).filter(|&v| v != u64::MAX),
+            unknown_extra: extra.get(KNOWN_EXTRA..).unwrap_or_default().to_vec(),
         });
         pos += entry_len;
     }
@@ -152,6 +208,41 @@ mod tests {
         assert_eq!(len, table.len() as u64);
         assert_eq!(snapshots[1].name, "second");
         assert_eq!(snapshots[1].disk_size, Some(4096));
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let snapshot = Snapshot {
+            l1_table_offset: 0x50000,
+            l1_size: 3,
+            id: "12".into(),
+            name: "before upgrade".into(),
+            date_sec: 1_700_000_000,
+            date_nsec: 123_000,
+            vm_clock_nsec: 5_000_000_001,
+            vm_state_size: 1 << 33,
+            disk_size: Some(1 << 30),
+            icount: None,
+            unknown_extra: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        let second = Snapshot {
+            id: "13".into(),
+            name: "x".into(),
+            icount: Some(0),
+            unknown_extra: Vec::new(),
+            ..snapshot.clone()
+        };
+        let table = encode_table(&[snapshot.clone(), second.clone()]);
+        assert_eq!(
+            table.len() as u64,
+            snapshot.encoded_len() + second.encoded_len()
+        );
+        assert_eq!(table.len() % 8, 0);
+        let mut file = MemStorage::default();
+        file.write_at(&table, 0x10000).unwrap();
+        let (read, len) = read_table(&mut file, 0x10000, 2, 65536).unwrap();
+        assert_eq!(len, table.len() as u64);
+        assert_eq!(read, vec![snapshot, second]);
     }
 
     #[test]

@@ -13,6 +13,8 @@ mod disk;
 mod info;
 #[path = "qcow/io_cmd.rs"]
 mod io_cmd;
+#[path = "qcow/snapshot_cmd.rs"]
+mod snapshot_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -119,6 +121,29 @@ enum Command {
         /// Open read-only.
         #[arg(short = 'r', long = "read-only")]
         read_only: bool,
+        file: PathBuf,
+    },
+    /// List, create, apply or delete internal snapshots:
+    /// qcow snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE
+    Snapshot {
+        /// List the snapshots (the default).
+        #[arg(short = 'l')]
+        list: bool,
+        /// Apply (revert the disk to) the snapshot with this id or name.
+        #[arg(short = 'a')]
+        apply: Option<String>,
+        /// Create a snapshot with this name.
+        #[arg(short = 'c')]
+        create: Option<String>,
+        /// Delete the snapshot with this name.
+        #[arg(short = 'd')]
+        delete: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         file: PathBuf,
     },
     /// Benchmark like qemu-img bench. Requests are issued sequentially on one thread; -d is accepted
@@ -243,6 +268,18 @@ fn run(cli: Cli) -> Result<u8> {
             read_only,
             file,
         } => io(&commands, format.as_deref(), read_only, &file),
+        Command::Snapshot {
+            list,
+            apply,
+            create,
+            delete,
+            format,
+            file,
+            ..
+        } => {
+            let action = snapshot_cmd::Action::from_flags(list, create, apply, delete)?;
+            snapshot_cmd::snapshot(action, format.as_deref(), &file)
+        }
         Command::Bench {
             count,
             depth,

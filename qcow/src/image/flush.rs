@@ -9,6 +9,16 @@ use crate::raw::Storage;
 use crate::refcount::Refcounts;
 
 impl<S: Storage> Image<S> {
+    /// Writes dirty refcount blocks, extends the file over every allocated cluster and flushes.
+    pub(crate) fn refcount_barrier(&mut self) -> Result<()> {
+        refcount_barrier(
+            &mut self.file,
+            &mut self.refcounts,
+            self.alloc_end,
+            &mut self.known_len,
+        )
+    }
+
     pub(crate) fn set_incompatible(&mut self, bits: u64) -> Result<()> {
         self.header.incompatible_features = bits;
         let mut field = [0u8; 8];

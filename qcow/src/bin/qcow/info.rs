@@ -361,7 +361,7 @@ pub fn info(format: Option<&str>, output: Output, backing_chain: bool, file: &Pa
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC (qemu-img prints local time; these machines run in UTC).
-fn utc_date(epoch_secs: u64) -> String {
+pub(crate) fn utc_date(epoch_secs: u64) -> String {
     let days = (epoch_secs / 86_400) as i64;
     let secs = epoch_secs % 86_400;
     // Civil-from-days (Howard Hinnant's algorithm).
