@@ -136,6 +136,8 @@ pub enum Error {
     #[error("image file has {clusters} clusters; checking more than {limit} is not supported")]
     CheckTooLarge { clusters: u64, limit: u64 },
     #[error(transparent)]
+    Convert(#[from] crate::convert::ConvertError),
+    #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("interrupted")]
     Interrupted,

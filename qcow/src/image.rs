@@ -14,6 +14,7 @@ use crate::raw::{AlignedBuf, FileStorage, Storage};
 use crate::refcount::Refcounts;
 use crate::snapshot::Snapshot;
 
+mod compressed;
 mod flush;
 mod open;
 mod read;
@@ -21,6 +22,7 @@ mod tree;
 mod write;
 mod zero;
 
+pub use compressed::Compressor;
 pub(crate) use flush::write_l2;
 
 /// How to open an image.
@@ -84,6 +86,9 @@ pub struct Image<S: Storage = FileStorage> {
     pub(crate) snapshot_table_len: u64,
     /// Cached result of [`Image::metadata_preallocated`]; reset by allocations.
     pub(crate) metadata_preallocated: Option<bool>,
+    /// Next free byte after the last compressed cluster written, inside a host cluster that has
+    /// room left (see `compressed.rs`).
+    pub(crate) compress_next: Option<u64>,
     /// Set by [`Image::close`]: the final flush has run, `Drop` has nothing left to do.
     pub(crate) closed: bool,
 }

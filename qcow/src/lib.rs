@@ -14,7 +14,9 @@
 pub mod backing;
 pub mod cache;
 pub mod check;
+pub mod compare;
 mod compress;
+pub mod convert;
 pub mod create;
 pub mod disk;
 pub mod error;
@@ -22,9 +24,11 @@ pub mod header;
 pub mod image;
 pub mod l2;
 pub mod map;
+pub mod monitor;
 pub mod raw;
 pub mod refcount;
 pub mod snapshot;
+pub mod status;
 
 pub use check::{check, CheckReport, Repair};
 pub use create::{create, create_on, create_raw, CreateOptions, Preallocation};

@@ -7,12 +7,16 @@
 mod bench;
 #[path = "qcow/check_cmd.rs"]
 mod check_cmd;
+#[path = "qcow/convert_cmd.rs"]
+mod convert_cmd;
 #[path = "qcow/disk.rs"]
 mod disk;
 #[path = "qcow/info.rs"]
 mod info;
 #[path = "qcow/io_cmd.rs"]
 mod io_cmd;
+#[path = "qcow/progress.rs"]
+mod progress;
 #[path = "qcow/snapshot_cmd.rs"]
 mod snapshot_cmd;
 
@@ -122,6 +126,72 @@ enum Command {
         #[arg(short = 'r', long = "read-only")]
         read_only: bool,
         file: PathBuf,
+    },
+    /// Convert an image: qcow convert [-p] [-q] [-c] [-f FMT] [-O qcow2|raw] [-o OPTS]
+    /// [-B BACKING [-F FMT]] [-S SIZE] [-t CACHE] SRC DST
+    Convert {
+        /// Show progress (a bar on a terminal, qemu-img's lines otherwise).
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Write compressed clusters (qcow2 output).
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Source format (probed if not given).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format (default raw).
+        #[arg(short = 'O')]
+        output_format: Option<String>,
+        /// qcow2 creation options (cluster_size=.., compat=.., ...).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Make the output an overlay of this backing file; only what differs is copied.
+        #[arg(short = 'B')]
+        backing: Option<String>,
+        /// Format of the -B backing file.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Zero runs at least this long stay unallocated (default 4k; 0 allocates everything).
+        #[arg(short = 'S')]
+        sparse: Option<String>,
+        /// Cache mode of the output (writeback, unsafe, none, ...).
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// Cache mode of the source (accepted; reads use the page cache).
+        #[arg(short = 'T')]
+        source_cache: Option<String>,
+        /// Parallel requests (accepted; compression uses every core).
+        #[arg(short = 'm')]
+        coroutines: Option<u32>,
+        /// Out-of-order writes (accepted, writes are in order).
+        #[arg(short = 'W')]
+        out_of_order: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        source: PathBuf,
+        target: PathBuf,
+    },
+    /// Compare two images: exit 0 identical, 1 different, 2 cannot open, 4 read error.
+    Compare {
+        #[arg(short = 'f')]
+        first_format: Option<String>,
+        #[arg(short = 'F')]
+        second_format: Option<String>,
+        /// Strict: sizes and allocation must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'T')]
+        cache: Option<String>,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        first: PathBuf,
+        second: PathBuf,
     },
     /// List, create, apply or delete internal snapshots:
     /// qcow snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE
@@ -268,6 +338,55 @@ fn run(cli: Cli) -> Result<u8> {
             read_only,
             file,
         } => io(&commands, format.as_deref(), read_only, &file),
+        Command::Convert {
+            progress,
+            quiet,
+            compress,
+            format,
+            output_format,
+            options,
+            backing,
+            backing_format,
+            sparse,
+            cache,
+            source,
+            target,
+            ..
+        } => {
+            progress::catch_interrupts();
+            convert_cmd::convert_cmd(&convert_cmd::ConvertArgs {
+                source,
+                target,
+                source_format: format,
+                output_format,
+                options,
+                compress,
+                backing,
+                backing_format,
+                sparse,
+                cache,
+                progress,
+                quiet,
+            })
+        }
+        Command::Compare {
+            first_format,
+            second_format,
+            strict,
+            progress,
+            quiet,
+            first,
+            second,
+            ..
+        } => convert_cmd::compare_cmd(&convert_cmd::CompareArgs {
+            first,
+            second,
+            first_format,
+            second_format,
+            strict,
+            progress,
+            quiet,
+        }),
         Command::Snapshot {
             list,
             apply,

@@ -61,6 +61,8 @@ impl<S: Storage> Image<S> {
         }
         // Step 4: only now that no durable table references them, drop the released refcounts.
         if !self.pending_frees.is_empty() {
+            // A freed cluster may be the one compressed data was being packed into.
+            self.compress_next = None;
             let frees = std::mem::take(&mut self.pending_frees);
             for (offset, len) in frees {
                 self.refcounts

@@ -156,6 +156,7 @@ impl<S: Storage> Image<S> {
             snapshots,
             snapshot_table_len,
             metadata_preallocated: None,
+            compress_next: None,
             closed: false,
         };
         if !read_only && !options.check_mode {

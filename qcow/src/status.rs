@@ -1,0 +1,180 @@
+//! Block status: what a range of a disk holds (data, zeros, or nothing at this layer) and how far
+//! that lasts, per layer and through a backing chain — QEMU's `bdrv_block_status_above`, which
+//! convert, compare, commit and rebase use to skip what needs no copying.
+
+use crate::disk::Disk;
+use crate::error::{Error, Result};
+use crate::image::Image;
+use crate::l2::Mapping;
+use crate::raw::Storage;
+
+/// What a range holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Data stored at this layer (or in a raw file).
+    Data,
+    /// Reads as zeros, decided at this layer (zero clusters, holes of raw files, past the end of
+    /// a backing file).
+    Zero,
+    /// Not decided by the layers looked at: read from below, or zeros if nothing is below.
+    Unallocated,
+}
+
+/// A run of one [`Allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub allocation: Allocation,
+    pub len: u64,
+    /// The layer that decided (0 = the disk itself).
+    pub depth: usize,
+}
+
+impl<S: Storage> Image<S> {
+    /// Status of this image's own layer at `offset`: like QEMU, a run never crosses an L2 table
+    /// and a data run ends where its host clusters stop being contiguous.
+    pub fn layer_status(&mut self, offset: u64, max_len: u64) -> Result<(Allocation, u64)> {
+        let cluster_size = self.cluster_size;
+        let table_span = cluster_size << self.l2_bits;
+        let table_end = (offset / table_span + 1) * table_span;
+        let end = offset
+            .saturating_add(max_len)
+            .min(table_end)
+            .min(self.size());
+        let mut guest = offset;
+        let mut kind = None;
+        let mut next_host = 0;
+        while guest < end {
+            let mapping = self.mapping(guest)?;
+            let (this, host, compressed) = match mapping {
+                Mapping::Normal { host, .. } => (Allocation::Data, host, false),
+                Mapping::Compressed { host, .. } => (Allocation::Data, host, true),
+                Mapping::ZeroPlain | Mapping::ZeroAlloc { .. } => (Allocation::Zero, 0, false),
+                Mapping::Unallocated => (Allocation::Unallocated, 0, false),
+            };
+            match kind {
+                None => kind = Some(this),
+                Some(k) if k != this => break,
+                Some(Allocation::Data) if compressed || host != next_host => break,
+                Some(_) => {}
+            }
+            next_host = host + cluster_size;
+            guest = (guest / cluster_size + 1) * cluster_size;
+            if compressed {
+                // A compressed cluster is a run of its own.
+                break;
+            }
+        }
+        let len = guest.min(end) - offset;
+        Ok((kind.unwrap_or(Allocation::Unallocated), len.max(1)))
+    }
+}
+
+impl Disk {
+    /// Status at `offset` looking through at most `layers` layers of the backing chain (1 = this
+    /// disk only); a run is at most `max_len` long. Past the end of a backing file reads as
+    /// zeros, decided by that layer.
+    pub fn status(&mut self, offset: u64, max_len: u64, layers: usize) -> Result<Extent> {
+        self.status_at_depth(offset, max_len, layers, 0)
+    }
+
+    fn status_at_depth(
+        &mut self,
+        offset: u64,
+        max_len: u64,
+        layers: usize,
+        depth: usize,
+    ) -> Result<Extent> {
+        let max_len = max_len.min(self.size().saturating_sub(offset)).max(1);
+        match self {
+            Disk::Raw(raw) => {
+                let (is_data, len) = raw
+                    .storage_mut()
+                    .extent_at(offset, max_len)
+                    .map_err(|source| Error::ReadData { offset, source })?;
+                let allocation = if is_data {
+                    Allocation::Data
+                } else {
+                    Allocation::Zero
+                };
+                Ok(Extent {
+                    allocation,
+                    len: len.clamp(1, max_len),
+                    depth,
+                })
+            }
+            Disk::Qcow2(image) => {
+                let (allocation, len) = image.layer_status(offset, max_len)?;
+                if allocation != Allocation::Unallocated || layers <= 1 {
+                    return Ok(Extent {
+                        allocation,
+                        len,
+                        depth,
+                    });
+                }
+                match image.backing.as_deref_mut() {
+                    None => Ok(Extent {
+                        allocation,
+                        len,
+                        depth,
+                    }),
+                    Some(backing) if offset >= backing.size() => Ok(Extent {
+                        allocation: Allocation::Zero,
+                        len,
+                        depth: depth + 1,
+                    }),
+                    Some(backing) => {
+                        let len = len.min(backing.size() - offset);
+                        backing.status_at_depth(offset, len, layers - 1, depth + 1)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The backing disk of a qcow2 image, if it has one open.
+    pub fn backing_mut(&mut self) -> Option<&mut Disk> {
+        match self {
+            Disk::Qcow2(image) => image.backing.as_deref_mut(),
+            Disk::Raw(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{create_on, CreateOptions};
+    use crate::image::OpenOptions;
+    use crate::raw::MemStorage;
+
+    #[test]
+    fn runs_follow_cluster_kinds_and_table_boundaries() {
+        let mut storage = MemStorage::default();
+        let options = CreateOptions {
+            size: 4 << 20,
+            cluster_size: 4096,
+            ..CreateOptions::default()
+        };
+        create_on(&mut storage, &options).unwrap();
+        let mut image = Image::open_storage(storage, None, &OpenOptions::default()).unwrap();
+        image.write_at(&[1u8; 8192], 4096).unwrap();
+        image.write_zeroes(16384, 4096).unwrap();
+        assert_eq!(
+            image.layer_status(0, 1 << 20).unwrap(),
+            (Allocation::Unallocated, 4096)
+        );
+        assert_eq!(
+            image.layer_status(4096, 1 << 20).unwrap(),
+            (Allocation::Data, 8192)
+        );
+        assert_eq!(
+            image.layer_status(16384, 1 << 20).unwrap(),
+            (Allocation::Zero, 4096)
+        );
+        // One L2 table of 4 KiB clusters maps 2 MiB: runs stop there.
+        assert_eq!(
+            image.layer_status(20480, 4 << 20).unwrap(),
+            (Allocation::Unallocated, (2 << 20) - 20480)
+        );
+    }
+}
