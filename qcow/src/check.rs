@@ -613,12 +613,24 @@ pub(crate) fn rebuild_refcounts<S: Storage>(
         .map_err(Error::WriteRefcountTable)?;
     // Ordering: the new structure is durable before the header points at it.
     image.file.flush().map_err(Error::Flush)?;
-    let mut fields = [0u8; 12];
+    // One write inside the first sector switches the table and (for `amend refcount_bits`)
+    // the refcount width together.
+    let mut fields = [0u8; 52];
     BigEndian::write_u64(&mut fields[0..], table_offset);
     BigEndian::write_u32(&mut fields[8..], table_clusters as u32);
+    BigEndian::write_u32(&mut fields[12..], image.header.nb_snapshots);
+    BigEndian::write_u64(&mut fields[16..], image.header.snapshots_offset);
+    let v3 = image.header.version >= 3;
+    let length = if v3 { 52 } else { 24 };
+    if v3 {
+        BigEndian::write_u64(&mut fields[24..], image.header.incompatible_features);
+        BigEndian::write_u64(&mut fields[32..], image.header.compatible_features);
+        BigEndian::write_u64(&mut fields[40..], image.header.autoclear_features);
+        BigEndian::write_u32(&mut fields[48..], order);
+    }
     image
         .file
-        .write_at(&fields, 48)
+        .write_at(&fields[..length], 48)
         .map_err(Error::WriteHeader)?;
     image.file.flush().map_err(Error::Flush)?;
     image.header.refcount_table_offset = table_offset;

@@ -33,6 +33,8 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// Extended L2 entries (32 subclusters per cluster; v3, clusters of 16 KiB or more).
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -46,6 +48,7 @@ impl Default for CreateOptions {
             preallocation: Preallocation::Off,
             backing_file: None,
             backing_format: None,
+            extended_l2: false,
         }
     }
 }

@@ -261,6 +261,22 @@ impl Disk {
         }
     }
 
+    /// Sets the virtual size (a raw file is truncated or extended; see [`Image::resize`]).
+    pub fn resize(&mut self, new_size: u64, shrink: bool) -> Result<()> {
+        match self {
+            Disk::Qcow2(image) => image.resize(new_size, shrink),
+            Disk::Raw(raw) => {
+                Self::check_raw_writable(raw)?;
+                if new_size < raw.size && !shrink {
+                    return Err(crate::image::ResizeError::ShrinkNotAllowed.into());
+                }
+                raw.file.set_len(new_size).map_err(Error::SetLen)?;
+                raw.size = new_size;
+                Ok(())
+            }
+        }
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&mut self) -> Result<()> {
         match self {

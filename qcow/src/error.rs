@@ -136,7 +136,17 @@ pub enum Error {
     #[error("image file has {clusters} clusters; checking more than {limit} is not supported")]
     CheckTooLarge { clusters: u64, limit: u64 },
     #[error(transparent)]
+    Amend(#[from] crate::amend::AmendError),
+    #[error(transparent)]
+    Commit(#[from] crate::commit::CommitError),
+    #[error(transparent)]
+    Measure(#[from] crate::measure::MeasureError),
+    #[error(transparent)]
+    Rebase(#[from] crate::rebase::RebaseError),
+    #[error(transparent)]
     Convert(#[from] crate::convert::ConvertError),
+    #[error(transparent)]
+    Resize(#[from] crate::image::ResizeError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("interrupted")]
@@ -147,6 +157,28 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+impl Error {
+    /// The text qemu-img prints for this error where its wording differs in form: a failed open
+    /// reads "Could not open 'PATH': REASON".
+    pub fn qemu_text(&self) -> String {
+        match self {
+            Error::OpenFile { path, source } => {
+                format!("Could not open '{}': {}", path.display(), strerror(source))
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// An I/O error's text without Rust's " (os error N)" suffix, as C's `strerror` prints it.
+pub fn strerror(error: &io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(at) if text.ends_with(')') => text[..at].to_string(),
+        _ => text,
+    }
 }
 
 /// Why a header was refused (beyond the checks with their own `Error` variant).

@@ -16,14 +16,17 @@ use crate::snapshot::Snapshot;
 
 mod compressed;
 mod flush;
+mod meta;
 mod open;
 mod read;
+mod resize;
 mod tree;
 mod write;
 mod zero;
 
 pub use compressed::Compressor;
 pub(crate) use flush::write_l2;
+pub use resize::ResizeError;
 
 /// How to open an image.
 #[derive(Debug, Clone)]

@@ -11,9 +11,11 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod amend;
 pub mod backing;
 pub mod cache;
 pub mod check;
+pub mod commit;
 pub mod compare;
 mod compress;
 pub mod convert;
@@ -24,8 +26,10 @@ pub mod header;
 pub mod image;
 pub mod l2;
 pub mod map;
+pub mod measure;
 pub mod monitor;
 pub mod raw;
+pub mod rebase;
 pub mod refcount;
 pub mod snapshot;
 pub mod status;

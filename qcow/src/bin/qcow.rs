@@ -15,6 +15,8 @@ mod disk;
 mod info;
 #[path = "qcow/io_cmd.rs"]
 mod io_cmd;
+#[path = "qcow/ops_cmd.rs"]
+mod ops_cmd;
 #[path = "qcow/progress.rs"]
 mod progress;
 #[path = "qcow/snapshot_cmd.rs"]
@@ -172,6 +174,96 @@ enum Command {
         force_share: bool,
         source: PathBuf,
         target: PathBuf,
+    },
+    /// Commit an overlay into its backing file: qcow commit [-q] [-p] [-d] [-b BASE] FILE
+    Commit {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Commit into this image of the backing chain (implies -d).
+        #[arg(short = 'b')]
+        base: Option<PathBuf>,
+        /// Keep the overlay's data (do not empty it).
+        #[arg(short = 'd')]
+        keep: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 't')]
+        cache: Option<String>,
+        /// Rate limit (accepted, not applied).
+        #[arg(short = 'r')]
+        rate: Option<String>,
+        file: PathBuf,
+    },
+    /// Change the backing file: qcow rebase [-u] -b NEW [-F FMT] [-p] [-q] FILE
+    Rebase {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// The new backing file ("" detaches the image).
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Unsafe: only rewrite the name, copy nothing.
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 't')]
+        cache: Option<String>,
+        #[arg(short = 'T')]
+        source_cache: Option<String>,
+        /// Compress the copied clusters (accepted; they are written uncompressed).
+        #[arg(short = 'c')]
+        compress: bool,
+        file: PathBuf,
+    },
+    /// Change the virtual size: qcow resize [--shrink] [-q] FILE [+|-]SIZE
+    Resize {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long = "shrink")]
+        shrink: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(long = "preallocation")]
+        preallocation: Option<String>,
+        /// FILE and SIZE (SIZE may be +N or -N).
+        #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+        rest: Vec<String>,
+    },
+    /// Change image options: qcow amend -o compat=..,refcount_bits=..,lazy_refcounts=..,size=.. FILE
+    Amend {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 't')]
+        cache: Option<String>,
+        #[arg(long = "force")]
+        force: bool,
+        file: PathBuf,
+    },
+    /// Space a new image needs: qcow measure [--output human|json] [-O FMT] [-o OPTS] (--size N | FILE)
+    Measure {
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        #[arg(short = 'O')]
+        output_format: Option<String>,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        #[arg(long = "size")]
+        size: Option<String>,
+        #[arg(short = 'f')]
+        format: Option<String>,
+        file: Option<PathBuf>,
     },
     /// Compare two images: exit 0 identical, 1 different, 2 cannot open, 4 read error.
     Compare {
@@ -369,6 +461,64 @@ fn run(cli: Cli) -> Result<u8> {
                 quiet,
             })
         }
+        Command::Commit {
+            base,
+            keep,
+            progress,
+            quiet,
+            file,
+            ..
+        } => {
+            progress::catch_interrupts();
+            ops_cmd::commit_cmd(&file, base.as_deref(), keep, progress, quiet)
+        }
+        Command::Rebase {
+            backing,
+            backing_format,
+            unsafe_mode,
+            progress,
+            quiet,
+            file,
+            ..
+        } => {
+            progress::catch_interrupts();
+            ops_cmd::rebase_cmd(&ops_cmd::RebaseArgs {
+                file,
+                backing,
+                backing_format,
+                unsafe_mode,
+                progress,
+                quiet,
+            })
+        }
+        Command::Resize {
+            format,
+            shrink,
+            quiet,
+            rest,
+            ..
+        } => ops_cmd::resize_cmd(&rest, format.as_deref(), shrink, quiet),
+        Command::Amend {
+            format,
+            options,
+            file,
+            ..
+        } => ops_cmd::amend_cmd(&file, format.as_deref(), &options),
+        Command::Measure {
+            output,
+            output_format,
+            options,
+            size,
+            format,
+            file,
+        } => ops_cmd::measure_cmd(&ops_cmd::MeasureArgs {
+            file,
+            format,
+            output_format,
+            options,
+            size,
+            output,
+        }),
         Command::Compare {
             first_format,
             second_format,

@@ -79,6 +79,18 @@ impl<S: Storage> Image<S> {
     /// tables and, once per L1 entry that reaches them, their data clusters (QEMU counts a
     /// cluster once per snapshot that uses it).
     pub(crate) fn adjust_tree(&mut self, l1: &[u64], delta: i64) -> Result<()> {
+        let mut ranges = Vec::new();
+        self.walk_tree(l1, |host, len| ranges.push((host, len)))?;
+        for (host, len) in ranges {
+            self.refcounts
+                .update_range(&mut self.file, host, len, delta)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `visit(host, len)` for every host range the L1 table `l1` references: each L2
+    /// table, and each data or compressed cluster once per L1 entry that reaches it.
+    pub(crate) fn walk_tree(&mut self, l1: &[u64], mut visit: impl FnMut(u64, u64)) -> Result<()> {
         for (l1_index, &entry) in l1.iter().enumerate() {
             if entry & OFFSET_MASK == 0 {
                 continue;
@@ -87,14 +99,52 @@ impl<S: Storage> Image<S> {
             let table = self.l2_table(l2_offset)?;
             for l2_entry in self.l2_words(&table) {
                 if let Some((host, len)) = self.decode(l2_entry)?.host_range(self.cluster_size) {
-                    self.refcounts
-                        .update_range(&mut self.file, host, len, delta)?;
+                    visit(host, len);
                 }
             }
-            self.refcounts
-                .update_range(&mut self.file, l2_offset, self.cluster_size, delta)?;
+            visit(l2_offset, self.cluster_size);
         }
         Ok(())
+    }
+
+    /// How many references every host cluster of the file has from the header, the active and
+    /// snapshot L1 tables and their trees, and the snapshot table — everything but the refcount
+    /// structure itself (what a new refcount structure must describe).
+    pub(crate) fn count_references(&mut self) -> Result<Vec<u64>> {
+        self.flush()?;
+        let file_len = self.file.len().map_err(Error::ReadHeader)?;
+        let cluster_size = self.cluster_size;
+        let mut refs = vec![0u64; file_len.div_ceil(cluster_size) as usize];
+        let mut ranges = vec![(0, cluster_size)];
+        if !self.l1.is_empty() {
+            ranges.push((self.header.l1_table_offset, self.l1.len() as u64 * 8));
+        }
+        if self.snapshot_table_len > 0 {
+            ranges.push((self.header.snapshots_offset, self.snapshot_table_len));
+        }
+        let active = self.l1.clone();
+        self.walk_tree(&active, |host, len| ranges.push((host, len)))?;
+        for snapshot in self.snapshots.clone() {
+            let l1 = self.read_l1_table(snapshot.l1_table_offset, snapshot.l1_size)?;
+            if !l1.is_empty() {
+                ranges.push((snapshot.l1_table_offset, l1.len() as u64 * 8));
+            }
+            self.walk_tree(&l1, |host, len| ranges.push((host, len)))?;
+        }
+        for (offset, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            let first = offset / cluster_size;
+            let last = (offset + len - 1) / cluster_size;
+            if last as usize >= refs.len() {
+                return Err(Corruption::DataPastEnd { host: offset }.into());
+            }
+            for cluster in first..=last {
+                refs[cluster as usize] += 1;
+            }
+        }
+        Ok(refs)
     }
 
     /// 64-bit words per L2 entry: 2 with extended L2 entries (mapping + subcluster bitmap).

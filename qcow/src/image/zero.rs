@@ -66,7 +66,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Sets the L2 entry of the cluster containing `guest`, releasing what the old one referenced.
-    fn replace_entry(&mut self, guest: u64, new_entry: u64) -> Result<()> {
+    pub(crate) fn replace_entry(&mut self, guest: u64, new_entry: u64) -> Result<()> {
         let l1_index = self.l1_index(guest);
         if new_entry == 0 && self.l2_offset_of(l1_index)? == 0 {
             return Ok(());

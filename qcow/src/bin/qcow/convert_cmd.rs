@@ -84,8 +84,13 @@ pub fn convert_cmd(args: &ConvertArgs) -> Result<u8> {
         ..OpenOptions::default()
     };
     let source_format = parse_format(args.source_format.as_deref())?;
-    let mut source = Disk::open(&args.source, source_format, &source_options)
-        .map_err(|e| anyhow!("Could not open '{}': {e}", args.source.display()))?;
+    let mut source = Disk::open(&args.source, source_format, &source_options).map_err(|e| {
+        anyhow!(
+            "Could not open '{}': {}",
+            args.source.display(),
+            e.qemu_text()
+        )
+    })?;
     let mut monitor = CliMonitor::new(args.progress, args.quiet);
     let result = convert(&mut source, &args.target, &options, &mut monitor);
     monitor.finish();
@@ -135,7 +140,7 @@ pub fn compare_cmd(args: &CompareArgs) -> Result<u8> {
     let open = |path: &Path, format: Option<&str>| -> std::result::Result<Disk, String> {
         let format = parse_format(format).map_err(|e| e.to_string())?;
         Disk::open(path, format, &options)
-            .map_err(|e| format!("Could not open '{}': {e}", path.display()))
+            .map_err(|e| format!("Could not open '{}': {}", path.display(), e.qemu_text()))
     };
     let mut first = match open(&args.first, args.first_format.as_deref()) {
         Ok(disk) => disk,

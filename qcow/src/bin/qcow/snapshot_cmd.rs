@@ -51,7 +51,7 @@ pub fn snapshot(action: Action, format: Option<&str>, file: &Path) -> Result<u8>
     };
     let format = parse_format(format)?;
     let disk = Disk::open(file, format, &options)
-        .map_err(|e| anyhow::anyhow!("Could not open '{}': {e}", file.display()))?;
+        .map_err(|e| anyhow::anyhow!("Could not open '{}': {}", file.display(), e.qemu_text()))?;
     let mut image = match disk {
         Disk::Qcow2(image) => image,
         Disk::Raw(_) => {
