@@ -14,8 +14,8 @@ use std::sync::mpsc::{self, Sender};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::machine::VmEvent;
 use crate::snapshot::state::SnapshotKind;
-use crate::vcpu::VmEvent;
 
 /// A control request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

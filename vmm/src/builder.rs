@@ -1,5 +1,6 @@
-//! Turns a [`VmConfig`] into a running [`Machine`]: open KVM, check the flags, create the VM and
-//! its RAM, load the guest, write the boot structures, wire the devices, start the vCPUs.
+//! Turns a [`VmConfig`] (or a snapshot) into a running [`Machine`]: check the flags, create the
+//! RAM and load the guest, open KVM, create the VM and register its RAM, wire the devices, start
+//! the vCPUs.
 
 use std::fs::File;
 use std::io::Write;
@@ -20,13 +21,12 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
 use crate::kvm::{host_limits, open_kvm, KvmError};
 use crate::loader::{self, LoadError};
-use crate::machine::{Machine, MachineParts};
-use crate::memory::{create_guest_memory, ram_end, MemoryError};
+use crate::machine::{Machine, MachineParts, VmEvent};
+use crate::memory::{create_guest_memory, host_ram_bytes, ram_end, MemoryError};
 use crate::snapshot::persist::Persist;
-use crate::snapshot::state::ParentRef;
 use crate::snapshot::{self, SnapshotError};
-use crate::vcpu::{RunState, Vcpu, VcpuError, VmEvent};
-use crate::vm::{MemoryOrigin, Vm, VmError};
+use crate::vcpu::{EventSink, RunState, Vcpu, VcpuError};
+use crate::vm::{EmptyVm, MemoryOrigin, Vm, VmError};
 
 /// Booting failed; each variant names the step.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +63,9 @@ pub enum BuildError {
 
 /// Boots the VM described by `config`; its vCPUs are running when this returns.
 pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
-    let kvm = open_kvm(&config.kvm_device)?;
-    config.validate(&host_limits(&kvm))?;
-    let serial_out = serial_output(&config.serial)?;
-
+    // Ordering: everything that needs no KVM (flags, RAM, the guest image) is checked first, so
+    // a bad flag or file is reported as such on any host.
+    config.validate_flags(host_ram_bytes())?;
     let created_at = Instant::now();
     let memory = create_guest_memory(config.mem_size)?;
     let entry = match &config.guest {
@@ -84,7 +83,13 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
             args: &config.args,
         },
     )?;
-    let vm = Vm::new(&kvm, memory, MemoryOrigin::Boot)?;
+    let kvm = open_kvm(&config.kvm_device)?;
+    config.validate_kvm(host_limits(&kvm).kvm_max_vcpus)?;
+    let serial_out = serial_output(&config.serial)?;
+
+    let mut vm = EmptyVm::create(&kvm)?;
+    vm.set_dirty_log_mode(MemoryOrigin::Boot)?;
+    let vm = vm.register_memory(memory)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_out)));
     let (events, buses) = wire_devices(&serial)?;
 
@@ -93,9 +98,10 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
         .map_err(BuildError::SupportedCpuid)?;
     // Ordering: every vCPU is created and configured before any runs, so a fast guest vCPU 0
     // never waits on (or races with) the set-up of the others.
+    let sink = event_sink(&events.0);
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
-        let vcpu = create_vcpu(&vm, index, &buses, &events.0)?;
+        let vcpu = create_vcpu(&vm, index, &buses, &sink)?;
         vcpu.configure_boot(&cpuid, entry, cr3)?;
         vcpus.push(vcpu);
     }
@@ -107,8 +113,9 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
         serial,
         created_at,
         parent: None,
+        mapped: None,
     };
-    start(vcpus, parts)
+    start(vcpus, RunState::Running, parts)
 }
 
 /// How to restore a snapshot.
@@ -116,6 +123,10 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
 pub struct RestoreOptions {
     /// Copy the memory file instead of mapping it `MAP_PRIVATE`.
     pub eager: bool,
+    /// Check every memory file of the chain against its recorded checksums first.
+    pub verify: bool,
+    /// Leave the vCPUs paused (resume through the control socket).
+    pub paused: bool,
     pub serial: SerialOutput,
     pub kvm_device: PathBuf,
 }
@@ -126,6 +137,9 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     let Some(top) = chain.last() else {
         return Err(SnapshotError::NoParent.into());
     };
+    if options.verify {
+        snapshot::verify_chain(&chain)?;
+    }
     let kvm = open_kvm(&options.kvm_device)?;
     let limits = host_limits(&kvm);
     let vcpu_count = top.state.vcpus.len() as u32;
@@ -139,8 +153,10 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     }
     let serial_out = serial_output(&options.serial)?;
     let created_at = Instant::now();
-    let memory = snapshot::load_memory(&chain, options.eager)?;
-    let vm = Vm::new(&kvm, memory, MemoryOrigin::Restore)?;
+    let mut vm = EmptyVm::create(&kvm)?;
+    vm.set_dirty_log_mode(MemoryOrigin::Restore)?;
+    let loaded = snapshot::load_memory(&chain, options.eager)?;
+    let vm = vm.register_memory(loaded.memory)?;
     if let Some(clock) = &top.state.vm.clock {
         let clock = kvm_bindings::kvm_clock_data { flags: 0, ..*clock };
         if let Err(e) = vm.fd().set_clock(&clock) {
@@ -152,13 +168,13 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
         &top.state.serial,
     )?));
     let (events, buses) = wire_devices(&serial)?;
+    let sink = event_sink(&events.0);
     let mut vcpus = Vec::with_capacity(vcpu_count as usize);
     for (index, state) in top.state.vcpus.iter().enumerate() {
-        let vcpu = create_vcpu(&vm, index as u32, &buses, &events.0)?;
+        let vcpu = create_vcpu(&vm, index as u32, &buses, &sink)?;
         vcpu.restore_state(state)?;
         vcpus.push(vcpu);
     }
-    let path = std::fs::canonicalize(&top.dir).unwrap_or_else(|_| top.dir.clone());
     let parts = MachineParts {
         vm,
         mem_size: top.state.mem_size,
@@ -166,12 +182,15 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
         buses,
         serial,
         created_at,
-        parent: Some(ParentRef {
-            path: path.display().to_string(),
-            state_crc: top.crc,
-        }),
+        parent: Some(top.as_parent()),
+        mapped: loaded.mapped,
     };
-    start(vcpus, parts)
+    let initial = if options.paused {
+        RunState::Paused
+    } else {
+        RunState::Running
+    };
+    start(vcpus, initial, parts)
 }
 
 type Events = (mpsc::Sender<VmEvent>, mpsc::Receiver<VmEvent>);
@@ -190,6 +209,15 @@ fn serial_output(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildEr
     })
 }
 
+/// What vCPUs and devices report goes into the VMM thread's event channel.
+fn event_sink(events: &mpsc::Sender<VmEvent>) -> EventSink {
+    let events = events.clone();
+    Arc::new(move |event| {
+        // The receiver is gone only while the VMM is already shutting down.
+        let _ = events.send(VmEvent::Vcpu(event));
+    })
+}
+
 /// The port bus with COM1 and the exit device, and an empty MMIO bus.
 fn wire_devices(serial: &Arc<Mutex<SerialDevice>>) -> Result<(Events, Buses), BuildError> {
     let (events_tx, events_rx) = mpsc::channel();
@@ -198,18 +226,13 @@ fn wire_devices(serial: &Arc<Mutex<SerialDevice>>) -> Result<(Events, Buses), Bu
     pio.insert(
         u64::from(EXIT_PORT),
         2,
-        Arc::new(Mutex::new(ExitDevice::new(events_tx.clone()))),
+        Arc::new(Mutex::new(ExitDevice::new(event_sink(&events_tx)))),
     )?;
     let mmio = Bus::new("MMIO");
     Ok(((events_tx, events_rx), (Arc::new(pio), Arc::new(mmio))))
 }
 
-fn create_vcpu(
-    vm: &Vm,
-    index: u32,
-    buses: &Buses,
-    events: &mpsc::Sender<VmEvent>,
-) -> Result<Vcpu, BuildError> {
+fn create_vcpu(vm: &Vm, index: u32, buses: &Buses, sink: &EventSink) -> Result<Vcpu, BuildError> {
     let fd = vm
         .fd()
         .create_vcpu(u64::from(index))
@@ -219,14 +242,14 @@ fn create_vcpu(
         fd,
         buses.0.clone(),
         buses.1.clone(),
-        events.clone(),
+        sink.clone(),
     ))
 }
 
-fn start(vcpus: Vec<Vcpu>, parts: MachineParts) -> Result<Machine, BuildError> {
+fn start(vcpus: Vec<Vcpu>, initial: RunState, parts: MachineParts) -> Result<Machine, BuildError> {
     let handles = vcpus
         .into_iter()
-        .map(|vcpu| vcpu.start(RunState::Running))
+        .map(|vcpu| vcpu.start(initial))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Machine::new(handles, parts))
+    Ok(Machine::new(handles, initial, parts))
 }

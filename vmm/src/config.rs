@@ -77,6 +77,10 @@ pub enum ConfigError {
         kvm: u32,
         abi: u32,
     },
+    #[error(
+        "--vcpus {requested}: at most {abi} vCPUs (the guest memory map has stacks for {abi})"
+    )]
+    TooManyVcpusForAbi { requested: u32, abi: u32 },
     #[error("--args: {0}")]
     BadGuestArgs(String),
     #[error("--args pages={pages}: {mem_size} bytes of RAM hold at most {max} workload pages; raise --mem or lower pages")]
@@ -89,6 +93,14 @@ impl VmConfig {
     /// Checks every flag against the host and the guest ABI. Returns the built-in guest's
     /// parsed workload arguments (`None` for a user-supplied guest, whose arguments are its own).
     pub fn validate(&self, limits: &HostLimits) -> Result<Option<WorkloadArgs>, ConfigError> {
+        let args = self.validate_flags(limits.host_ram)?;
+        self.validate_kvm(limits.kvm_max_vcpus)?;
+        Ok(args)
+    }
+
+    /// The checks that need no KVM: they run before `/dev/kvm` is opened, so a bad flag is
+    /// reported as such even on a host without KVM.
+    pub fn validate_flags(&self, host_ram: u64) -> Result<Option<WorkloadArgs>, ConfigError> {
         let size = self.mem_size;
         if size == 0 {
             return Err(ConfigError::ZeroMemory);
@@ -99,21 +111,18 @@ impl VmConfig {
         if size < MIN_RAM {
             return Err(ConfigError::MemoryTooSmall { size, min: MIN_RAM });
         }
-        if size > limits.host_ram {
+        if size > host_ram {
             return Err(ConfigError::MemoryTooLarge {
                 size,
-                host: limits.host_ram,
+                host: host_ram,
             });
         }
         if self.vcpus == 0 {
             return Err(ConfigError::ZeroVcpus);
         }
-        let max = limits.kvm_max_vcpus.min(MAX_VCPUS);
-        if self.vcpus > max {
-            return Err(ConfigError::TooManyVcpus {
+        if self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpusForAbi {
                 requested: self.vcpus,
-                max,
-                kvm: limits.kvm_max_vcpus,
                 abi: MAX_VCPUS,
             });
         }
@@ -139,29 +148,27 @@ impl VmConfig {
         }
         Ok(Some(args))
     }
+
+    /// The vCPU count against what this host's KVM allows.
+    pub fn validate_kvm(&self, kvm_max_vcpus: u32) -> Result<(), ConfigError> {
+        let max = kvm_max_vcpus.min(MAX_VCPUS);
+        if self.vcpus > max {
+            return Err(ConfigError::TooManyVcpus {
+                requested: self.vcpus,
+                max,
+                kvm: kvm_max_vcpus,
+                abi: MAX_VCPUS,
+            });
+        }
+        Ok(())
+    }
 }
 
-/// Parses a size such as `4096`, `64M`, `1G`, `2GiB` (binary units, case-insensitive).
+/// Parses a size the way qemu-img does (`4096`, `64M`, `1G`, `1.5G`; binary K/M/G/T/P/E
+/// suffixes): one size syntax for every cowvm and qcow flag.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let lower = trimmed.to_ascii_lowercase();
-    let body = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
-    let (digits, shift) = match body.char_indices().last() {
-        Some((at, 'k')) => (&body[..at], 10),
-        Some((at, 'm')) => (&body[..at], 20),
-        Some((at, 'g')) => (&body[..at], 30),
-        Some((at, 't')) => (&body[..at], 40),
-        _ => (body, 0),
-    };
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{trimmed}` is not a size (examples: 4096, 64M, 1G)"))?;
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{trimmed}` does not fit in 64 bits"))
+    qcow::parse_size(text)
+        .map_err(|_| format!("`{}` is not a size (examples: 4096, 64M, 1G)", text.trim()))
 }
 
 #[cfg(test)]
@@ -177,13 +184,14 @@ mod tests {
     fn sizes_parse_with_binary_suffixes() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size("1t"), Ok(1 << 40));
-        assert_eq!(parse_size("8kb"), Ok(8192));
-        assert!(parse_size("12Q").unwrap_err().contains("is not a size"));
-        assert!(parse_size("99999999999T")
-            .unwrap_err()
-            .contains("does not fit"));
+        assert_eq!(parse_size("8k"), Ok(8192));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(
+            parse_size("12Q"),
+            Err("`12Q` is not a size (examples: 4096, 64M, 1G)".into())
+        );
+        assert!(parse_size("99999999999T").is_err(), "overflow");
     }
 
     #[test]
@@ -223,11 +231,9 @@ mod tests {
         };
         assert_eq!(config(0, "").validate(&LIMITS), Err(ConfigError::ZeroVcpus));
         assert_eq!(
-            config(129, "").validate(&LIMITS),
-            Err(ConfigError::TooManyVcpus {
+            config(129, "").validate_flags(LIMITS.host_ram),
+            Err(ConfigError::TooManyVcpusForAbi {
                 requested: 129,
-                max: 128,
-                kvm: 255,
                 abi: 128
             })
         );

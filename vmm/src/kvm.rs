@@ -60,6 +60,22 @@ pub fn host_limits(kvm: &Kvm) -> HostLimits {
     }
 }
 
+/// For KVM tests: `/dev/kvm`, or `None` with a SKIP line when it cannot be used — unless
+/// `COWVM_REQUIRE_KVM=1` (set by CI where `/dev/kvm` exists), which turns a skip into a failure.
+#[cfg(test)]
+pub(crate) fn kvm_for_test(test: &str) -> Option<Kvm> {
+    match open_kvm(Path::new("/dev/kvm")) {
+        Ok(kvm) => Some(kvm),
+        Err(e) if std::env::var_os("COWVM_REQUIRE_KVM").is_some_and(|v| v == "1") => {
+            panic!("{test}: COWVM_REQUIRE_KVM=1 but /dev/kvm is not usable: {e}")
+        }
+        Err(e) => {
+            println!("SKIP: {test}: /dev/kvm is not usable: {e}");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

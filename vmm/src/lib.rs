@@ -8,6 +8,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod dirty;
 pub mod kvm;
 pub mod loader;
 pub mod machine;

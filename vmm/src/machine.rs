@@ -2,22 +2,40 @@
 //! the guest to exit or fail and carries out control requests (pause, resume, snapshot, stats,
 //! shutdown).
 
-use std::sync::mpsc::{Receiver, Sender};
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cowvm_guest_abi::layout::progress_addr;
 use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
 use crate::snapshot::persist::Persist;
+use crate::snapshot::staging::StagingDir;
 use crate::snapshot::state::{MemoryState, ParentRef, SnapshotKind, SnapshotState, VmState};
-use crate::snapshot::{self, SnapshotError};
-use crate::vcpu::{VcpuError, VcpuHandle, VcpuRequest, VcpuResponse, VmEvent};
+use crate::snapshot::{self, MappedFile, MappedFileChanged, SnapshotError};
+use crate::vcpu::{
+    RunState, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuResponse, RESPONSE_TIMEOUT,
+};
 use crate::vm::{Vm, VmError};
 
-/// The VM stopped without the guest writing an exit status.
+/// How often the event loop checks that a mapped snapshot memory file is unchanged.
+const MAPPED_FILE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What the VMM thread's event loop acts on.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// From a vCPU or a device.
+    Vcpu(VcpuEvent),
+    /// A control-socket request and where to send the reply.
+    Api(ApiRequest, Sender<Value>),
+}
+
+/// The VM stopped without the guest writing an exit status, or a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     #[error(transparent)]
@@ -28,6 +46,12 @@ pub enum MachineError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    MappedFile(#[from] MappedFileChanged),
+    #[error("vCPU {index}: KVM_RUN failed: Bad address — guest RAM could not be read; it maps the snapshot memory file {path}: was that file changed while in use?")]
+    GuestRamUnreadable { index: u32, path: String },
+    #[error("refusing to publish a snapshot holding {saved} of the VM's {vcpus} vCPUs")]
+    MissingVcpuState { saved: usize, vcpus: usize },
 }
 
 /// The devices and facts a machine needs beyond its vCPUs.
@@ -41,14 +65,20 @@ pub struct MachineParts {
     pub created_at: Instant,
     /// The snapshot this VM was restored from (the parent of its first diff).
     pub parent: Option<ParentRef>,
+    /// The snapshot memory file guest RAM maps, if it maps one.
+    pub mapped: Option<MappedFile>,
 }
 
 /// What a snapshot request produced.
 #[derive(Debug, Clone)]
 pub struct SnapshotReport {
     pub kind: SnapshotKind,
+    pub id: String,
     pub pages_stored: u64,
+    /// How long the guest was paused.
     pub paused: Duration,
+    /// Request to published directory, fsyncs included.
+    pub total: Duration,
 }
 
 /// A booted VM.
@@ -56,6 +86,8 @@ pub struct SnapshotReport {
 pub struct Machine {
     // Field order matters: vCPU threads are stopped (handles dropped) before the VM goes away.
     vcpus: Vec<VcpuHandle>,
+    /// What each vCPU last reported (or will be in once it reads its queued requests).
+    vcpu_states: Vec<RunState>,
     vm: Vm,
     mem_size: u64,
     events: Receiver<VmEvent>,
@@ -63,6 +95,8 @@ pub struct Machine {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
+    mapped: Option<MappedFile>,
+    /// Every vCPU acknowledged a pause and none was resumed since.
     paused: bool,
     halted: usize,
     /// The last snapshot written or restored from: what the next diff builds on.
@@ -77,8 +111,9 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub(crate) fn new(vcpus: Vec<VcpuHandle>, parts: MachineParts) -> Self {
+    pub(crate) fn new(vcpus: Vec<VcpuHandle>, initial: RunState, parts: MachineParts) -> Self {
         Self {
+            vcpu_states: vec![initial; vcpus.len()],
             vcpus,
             vm: parts.vm,
             mem_size: parts.mem_size,
@@ -87,7 +122,8 @@ impl Machine {
             pio: parts.buses.0,
             mmio: parts.buses.1,
             serial: parts.serial,
-            paused: false,
+            mapped: parts.mapped,
+            paused: initial == RunState::Paused,
             halted: 0,
             parent: parts.parent,
             pending_dirty: Vec::new(),
@@ -111,80 +147,104 @@ impl Machine {
         (self.pio.unmapped_accesses(), self.mmio.unmapped_accesses())
     }
 
-    /// Sends `request` to every vCPU, then waits for all to answer, so they pause together.
-    fn broadcast(&self, request: VcpuRequest) -> Result<Vec<VcpuResponse>, VcpuError> {
-        for vcpu in &self.vcpus {
-            vcpu.send(request)?;
+    /// Sends `request` to every vCPU, then waits for all answers against one deadline, so they
+    /// pause together. Each vCPU's outcome is returned, in vCPU order.
+    fn broadcast(&mut self, request: VcpuRequest) -> Vec<Result<VcpuResponse, VcpuError>> {
+        let tickets: Vec<_> = self.vcpus.iter_mut().map(|v| v.send(request)).collect();
+        let deadline = Instant::now() + RESPONSE_TIMEOUT;
+        let mut outcomes = Vec::with_capacity(tickets.len());
+        for (index, ticket) in tickets.into_iter().enumerate() {
+            let outcome = ticket.and_then(|t| self.vcpus[index].wait(t, deadline));
+            if let Ok(VcpuResponse::State(state)) = &outcome {
+                self.vcpu_states[index] = *state;
+            }
+            outcomes.push(outcome);
         }
-        self.vcpus
-            .iter()
-            .map(|vcpu| vcpu.wait_response(request))
-            .collect()
+        outcomes
     }
 
-    /// Stops every vCPU outside KVM_RUN; returns once all are paused (or finished).
+    /// Stops every vCPU outside KVM_RUN; returns once all are paused (or finished). If one does
+    /// not answer, the others are resumed and the stuck one is told to resume once it reads its
+    /// queue, so the VM keeps running as before and the error names the vCPU.
     pub fn pause(&mut self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuRequest::Pause)?;
-        self.paused = true;
-        Ok(())
+        let outcomes = self.broadcast(VcpuRequest::Pause);
+        let failures: Vec<(usize, VcpuError)> = outcomes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, outcome)| outcome.err().map(|e| (index, e)))
+            .collect();
+        let Some((_, first)) = failures.into_iter().next() else {
+            self.paused = true;
+            return Ok(());
+        };
+        // Roll back: everything that paused runs again; queued requests reach the stuck vCPU
+        // when it gets back to its loop, and their late replies are dropped by ticket.
+        let outcomes = self.broadcast(VcpuRequest::Resume);
+        for (index, outcome) in outcomes.iter().enumerate() {
+            if outcome.is_err() {
+                self.vcpu_states[index] = RunState::Running;
+            }
+        }
+        self.paused = false;
+        Err(first)
     }
 
     /// Lets paused vCPUs run again.
     pub fn resume(&mut self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuRequest::Resume)?;
+        let outcomes = self.broadcast(VcpuRequest::Resume);
+        // Whatever answered runs; a vCPU that did not will run once it reads its queue.
         self.paused = false;
-        Ok(())
+        outcomes
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
     }
 
     /// Snapshots the VM into `dir`. A running VM is paused while its state and memory are
-    /// copied into the snapshot files, and runs again while they are synced to disk.
+    /// copied into the snapshot files, and runs again while they are checksummed, fsynced and
+    /// published.
     pub fn snapshot(
         &mut self,
-        dir: &std::path::Path,
+        dir: &Path,
         kind: SnapshotKind,
     ) -> Result<SnapshotReport, MachineError> {
+        let started = Instant::now();
         if kind == SnapshotKind::Diff && self.parent.is_none() {
             return Err(SnapshotError::NoParent.into());
         }
-        let tmp = snapshot::begin_dir(dir)?;
-        let started = Instant::now();
+        let staging = StagingDir::new(dir).map_err(SnapshotError::from)?;
         let was_running = !self.paused;
         if was_running {
-            if let Err(e) = self.pause() {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e.into());
-            }
+            self.pause()?;
         }
-        let (dirty, captured) = self.capture(&tmp, kind);
+        let captured = self.capture(staging, kind);
         let paused = started.elapsed();
         let resumed = if was_running { self.resume() } else { Ok(()) };
         // Ordering: the snapshot's contents were fixed while the guest was paused (they sit in
-        // the page cache); the fsyncs and the rename that publishes the directory need no pause.
-        let result = captured.and_then(|(crc, pages)| {
-            snapshot::commit_dir(&tmp, dir)?;
-            Ok((crc, pages))
-        });
+        // the page cache); checksums, fsyncs and the rename that publishes the directory need no
+        // pause.
+        let (dirty, result) = match captured {
+            Ok((dirty, pending)) => (dirty, pending.publish().map_err(MachineError::from)),
+            Err((dirty, e)) => (dirty, Err(e)),
+        };
         match result {
-            Ok((crc, pages_stored)) => {
+            Ok(published) => {
                 self.pending_dirty.clear();
-                let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-                self.parent = Some(ParentRef {
-                    path: path.display().to_string(),
-                    state_crc: crc,
-                });
+                self.parent = Some(published.as_parent());
                 self.snapshots_taken += 1;
                 resumed?;
                 Ok(SnapshotReport {
                     kind,
-                    pages_stored,
+                    id: published.id,
+                    pages_stored: published.state.memory.pages_stored,
                     paused,
+                    total: started.elapsed(),
                 })
             }
             Err(e) => {
                 // Transactional: the bits KVM just cleared go to the next diff, so no written
                 // page is ever left out of a chain.
                 self.pending_dirty = dirty;
-                let _ = std::fs::remove_dir_all(&tmp);
                 resumed?;
                 Err(e)
             }
@@ -192,37 +252,58 @@ impl Machine {
     }
 
     /// With every vCPU paused: takes the dirty bitmap (merged with bits left by a failed
-    /// snapshot) and writes state and memory into `tmp`. Returns the bitmap, and the state's CRC
-    /// and the pages stored.
+    /// snapshot), saves every vCPU and device, and writes memory into the staging directory.
+    /// Returns the bitmap to keep if the snapshot fails from here on, with the result.
+    #[allow(clippy::type_complexity)]
     fn capture(
         &mut self,
-        tmp: &std::path::Path,
+        staging: StagingDir,
         kind: SnapshotKind,
-    ) -> (Vec<u64>, Result<(u32, u64), MachineError>) {
+    ) -> Result<(Vec<u64>, snapshot::PendingSnapshot), (Vec<u64>, MachineError)> {
         let harvest_started = Instant::now();
-        let mut dirty = match self.vm.take_dirty_bitmap() {
+        let mut dirty = match self.vm.take_dirty_bitmap().into_result() {
             Ok(dirty) => dirty,
-            Err(e) => return (self.pending_dirty.clone(), Err(e.into())),
+            Err((e, mut harvested)) => {
+                merge_into(&mut harvested, &self.pending_dirty);
+                return Err((harvested, e.into()));
+            }
         };
         self.harvest_times.push(harvest_started.elapsed());
-        for (word, pending) in dirty.iter_mut().zip(&self.pending_dirty) {
-            *word |= pending;
+        merge_into(&mut dirty, &self.pending_dirty);
+        let state = match self.save_state(kind) {
+            Ok(state) => state,
+            Err(e) => return Err((dirty, e)),
+        };
+        let diff = (kind == SnapshotKind::Diff).then_some(dirty.as_slice());
+        let written = self
+            .check_mapped_file()
+            .map_err(MachineError::from)
+            .and_then(|()| {
+                snapshot::write_memory(staging, state, self.vm.memory(), diff)
+                    .map_err(MachineError::from)
+            });
+        match written {
+            Ok(pending) => Ok((dirty, pending)),
+            Err(e) => Err((dirty, e)),
         }
-        let result = self.write_snapshot(tmp, kind, &dirty);
-        (dirty, result)
     }
 
-    fn write_snapshot(
-        &mut self,
-        tmp: &std::path::Path,
-        kind: SnapshotKind,
-        dirty: &[u64],
-    ) -> Result<(u32, u64), MachineError> {
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for response in self.broadcast(VcpuRequest::SaveState)? {
-            if let VcpuResponse::Saved(saved) = response {
-                vcpus.push((*saved)?);
+    /// Saves every vCPU, the VM and the devices. Every vCPU must answer with its state: a
+    /// snapshot with fewer vCPUs than the VM is never written.
+    fn save_state(&mut self, kind: SnapshotKind) -> Result<SnapshotState, MachineError> {
+        let vcpu_count = self.vcpus.len();
+        let mut vcpus = Vec::with_capacity(vcpu_count);
+        for outcome in self.broadcast(VcpuRequest::SaveState) {
+            match outcome? {
+                VcpuResponse::Saved(saved) => vcpus.push((*saved)?),
+                VcpuResponse::State(_) => {}
             }
+        }
+        if vcpus.len() != vcpu_count {
+            return Err(MachineError::MissingVcpuState {
+                saved: vcpus.len(),
+                vcpus: vcpu_count,
+            });
         }
         let clock = self.vm.fd().get_clock().ok();
         let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).save();
@@ -230,71 +311,92 @@ impl Machine {
             SnapshotKind::Full => None,
             SnapshotKind::Diff => self.parent.clone(),
         };
-        let mut state = SnapshotState {
+        Ok(SnapshotState {
+            id: Some(snapshot::new_id()),
             kind,
             parent,
             mem_size: self.mem_size,
-            memory: MemoryState {
-                runs: Vec::new(),
-                pages_stored: 0,
-            },
+            memory: MemoryState::default(),
             vm: VmState { clock },
             vcpus,
             serial,
-        };
-        let dirty = (kind == SnapshotKind::Diff).then_some(dirty);
-        let crc = snapshot::write_into(tmp, &mut state, self.vm.memory(), dirty)?;
-        Ok((crc, state.memory.pages_stored))
+        })
     }
 
-    fn stats(&self) -> Value {
+    /// Checks, before the VMM reads guest RAM itself, that a mapped snapshot memory file has
+    /// not changed (reading a truncated mapping would kill the process with SIGBUS).
+    fn check_mapped_file(&self) -> Result<(), MappedFileChanged> {
+        self.mapped.as_ref().map_or(Ok(()), MappedFile::check)
+    }
+
+    /// The guest's progress counters (see `layout::PROGRESS_ADDR`).
+    fn guest_progress(&self) -> Result<Vec<u64>, MappedFileChanged> {
+        self.check_mapped_file()?;
+        Ok((0..self.vcpus.len() as u32)
+            .map(|index| {
+                self.vm
+                    .memory()
+                    .read_obj::<u64>(GuestAddress(progress_addr(index)))
+                    .unwrap_or(0)
+            })
+            .collect())
+    }
+
+    fn stats(&self) -> Result<Value, MappedFileChanged> {
         let (pio, mmio) = self.unmapped_accesses();
-        json!({
+        Ok(json!({
             "ok": true,
             "state": if self.paused { "paused" } else { "running" },
             "vcpus": self.vcpus.len(),
             "halted_vcpus": self.halted,
             "mem_size": self.mem_size,
             "uptime_ms": self.created_at.elapsed().as_millis() as u64,
+            "guest_progress": self.guest_progress()?,
             "snapshots_taken": self.snapshots_taken,
             "dirty_log": if self.vm.manual_protect() { "manual-protect" } else { "get-dirty-log" },
             "register_memory_us": self.vm.register_time().as_micros() as u64,
             "dirty_harvest_us": self.harvest_times.iter().map(|d| d.as_micros() as u64).collect::<Vec<_>>(),
             "last_snapshot": self.parent.as_ref().map(|p| p.path.clone()),
+            "memory_file": self.mapped.as_ref().map(|m| m.path().display().to_string()),
             "unmapped_pio_accesses": pio,
             "unmapped_mmio_accesses": mmio,
-        })
+        }))
     }
 
-    /// Carries out one control request; returns the reply and whether to shut down.
-    fn handle_api(&mut self, request: ApiRequest) -> (Value, bool) {
+    /// Carries out one control request; returns the reply, and the error that must stop the VM
+    /// (a changed memory file) or `Ok(true)` for a shutdown.
+    fn handle_api(&mut self, request: ApiRequest) -> (Value, Result<bool, MachineError>) {
         let error = |e: &dyn std::fmt::Display| json!({"ok": false, "error": e.to_string()});
         match request {
             ApiRequest::Pause => match self.pause() {
-                Ok(()) => (json!({"ok": true, "state": "paused"}), false),
-                Err(e) => (error(&e), false),
+                Ok(()) => (json!({"ok": true, "state": "paused"}), Ok(false)),
+                Err(e) => (error(&e), Ok(false)),
             },
             ApiRequest::Resume => match self.resume() {
-                Ok(()) => (json!({"ok": true, "state": "running"}), false),
-                Err(e) => (error(&e), false),
+                Ok(()) => (json!({"ok": true, "state": "running"}), Ok(false)),
+                Err(e) => (error(&e), Ok(false)),
             },
-            ApiRequest::Stats => (self.stats(), false),
-            ApiRequest::Shutdown => (json!({"ok": true, "state": "shutting down"}), true),
-            ApiRequest::Snapshot { path, kind } => {
-                match self.snapshot(std::path::Path::new(&path), kind) {
-                    Ok(report) => (
-                        json!({
-                            "ok": true,
-                            "path": path,
-                            "kind": report.kind,
-                            "pages_stored": report.pages_stored,
-                            "paused_us": report.paused.as_micros() as u64,
-                        }),
-                        false,
-                    ),
-                    Err(e) => (error(&e), false),
-                }
-            }
+            ApiRequest::Stats => match self.stats() {
+                Ok(stats) => (stats, Ok(false)),
+                Err(e) => (error(&e), Err(e.into())),
+            },
+            ApiRequest::Shutdown => (json!({"ok": true, "state": "shutting down"}), Ok(true)),
+            ApiRequest::Snapshot { path, kind } => match self.snapshot(Path::new(&path), kind) {
+                Ok(report) => (
+                    json!({
+                        "ok": true,
+                        "path": path,
+                        "id": report.id,
+                        "kind": report.kind,
+                        "pages_stored": report.pages_stored,
+                        "paused_us": report.paused.as_micros() as u64,
+                        "total_us": report.total.as_micros() as u64,
+                    }),
+                    Ok(false),
+                ),
+                Err(MachineError::MappedFile(e)) => (error(&e), Err(e.into())),
+                Err(e) => (error(&format!("snapshot {path} not taken: {e}")), Ok(false)),
+            },
         }
     }
 
@@ -302,13 +404,20 @@ impl Machine {
     /// failure.
     pub fn wait(&mut self) -> Result<u8, MachineError> {
         let result = loop {
-            let Ok(event) = self.events.recv() else {
-                break Err(MachineError::AllHalted);
+            let event = match self.events.recv_timeout(MAPPED_FILE_CHECK_INTERVAL) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => match self.check_mapped_file() {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e.into()),
+                },
+                Err(RecvTimeoutError::Disconnected) => break Err(MachineError::AllHalted),
             };
             match event {
-                VmEvent::GuestExit(status) => break Ok(status),
-                VmEvent::VcpuFailed(_, error) => break Err(error.into()),
-                VmEvent::VcpuHalted(index) => {
+                VmEvent::Vcpu(VcpuEvent::GuestExit(status)) => break Ok(status),
+                VmEvent::Vcpu(VcpuEvent::Failed(index, error)) => {
+                    break Err(self.explain_failure(index, error))
+                }
+                VmEvent::Vcpu(VcpuEvent::Halted(index)) => {
                     tracing::debug!("vCPU {index} halted");
                     self.halted += 1;
                     if self.halted == self.vcpus.len() {
@@ -316,10 +425,12 @@ impl Machine {
                     }
                 }
                 VmEvent::Api(request, reply) => {
-                    let (value, shutdown) = self.handle_api(request);
+                    let (value, outcome) = self.handle_api(request);
                     let _ = reply.send(value);
-                    if shutdown {
-                        break Ok(0);
+                    match outcome {
+                        Ok(false) => {}
+                        Ok(true) => break Ok(0),
+                        Err(e) => break Err(e),
                     }
                 }
             }
@@ -328,10 +439,34 @@ impl Machine {
         result
     }
 
+    /// `KVM_RUN` fails with EFAULT when guest RAM cannot be faulted in: for a VM that maps a
+    /// snapshot memory file, that file was truncated (or otherwise broken) under it.
+    fn explain_failure(&self, index: u32, error: VcpuError) -> MachineError {
+        let efault = matches!(&error, VcpuError::Ioctl { op: "KVM_RUN", source, .. }
+            if source.errno() == libc::EFAULT);
+        match (&self.mapped, efault) {
+            (Some(mapped), true) => match mapped.check() {
+                Err(changed) => changed.into(),
+                Ok(()) => MachineError::GuestRamUnreadable {
+                    index,
+                    path: mapped.path().display().to_string(),
+                },
+            },
+            _ => error.into(),
+        }
+    }
+
     /// Stops and joins every vCPU thread.
     pub fn stop(&mut self) {
         for vcpu in &mut self.vcpus {
             vcpu.stop();
         }
+    }
+}
+
+/// ORs `pending` into `bitmap` (same layout).
+fn merge_into(bitmap: &mut [u64], pending: &[u64]) {
+    for (word, pending) in bitmap.iter_mut().zip(pending) {
+        *word |= pending;
     }
 }

@@ -2,10 +2,12 @@
 //! the MMIO hole below 4 GiB, with transparent huge pages requested.
 
 use cowvm_guest_abi::layout::{MMIO_GAP_END, MMIO_GAP_START};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// The guest RAM type used across the VMM.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// The guest RAM type used across the VMM. Its bitmap records the pages the VMM itself writes
+/// through vm-memory (device emulation), which KVM's dirty log cannot see; see `dirty.rs`.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Guest RAM could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,35 @@ fn advise_huge_pages(addr: *mut u8, len: usize) {
             "madvise(MADV_HUGEPAGE) failed: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Makes a `SIGBUS` end the process with a message and exit status 1 instead of a core dump.
+///
+/// Guest RAM may map a snapshot memory file; if that file is truncated under the VMM between
+/// the identity check that precedes every VMM-side read and the read itself, the read faults
+/// with `SIGBUS`. Nothing can be recovered at that point, but the user gets told why.
+pub fn install_sigbus_handler() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MESSAGE: &[u8] = b"cowvm: error: SIGBUS while reading guest RAM: a snapshot memory file it maps was truncated while in use; restore the snapshot from an intact copy\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MESSAGE is a static buffer.
+        unsafe {
+            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler above only
+    // calls async-signal-safe functions.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
+            tracing::debug!(
+                "cannot install the SIGBUS handler: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! The KVM VM object and the guest RAM registered with it.
 //!
-//! Creating the VM, registering memory and loading state are separate steps so that later code
-//! (restore, clone pools) can do them at different times.
+//! A VM comes to life in three steps that later code (restore, clone pools, live fork) runs at
+//! different times: [`EmptyVm::create`] (`KVM_CREATE_VM`), [`EmptyVm::set_dirty_log_mode`], and
+//! [`EmptyVm::register_memory`], which turns it into a [`Vm`] with guest RAM.
+
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region,
@@ -11,6 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::dirty::{self, DirtyLog, Harvest};
 use crate::memory::GuestMemory;
 
 vmm_sys_util::ioctl_iowr_nr!(
@@ -64,55 +68,57 @@ pub enum VmError {
     },
 }
 
-/// A KVM VM and its guest RAM.
+/// A KVM VM that has no guest RAM yet.
 #[derive(Debug)]
-pub struct Vm {
-    // Field order matters: `fd` is dropped (the VM destroyed) before `memory` is unmapped.
+pub struct EmptyVm {
     fd: VmFd,
-    memory: GuestMemory,
-    /// Whether `KVM_CLEAR_DIRTY_LOG` re-protects pages (manual protect) instead of
-    /// `KVM_GET_DIRTY_LOG` doing it for the whole slot.
     manual_protect: bool,
-    /// How long registering the RAM slots (with dirty logging) took.
-    register_time: std::time::Duration,
 }
 
-impl Vm {
-    /// Creates an empty KVM VM and registers `memory` as its RAM, one slot per region, with
-    /// dirty logging (manual-protect mode where the kernel offers it).
-    pub fn new(kvm: &Kvm, memory: GuestMemory, origin: MemoryOrigin) -> Result<Self, VmError> {
+impl EmptyVm {
+    /// `KVM_CREATE_VM` and the TSS address; nothing else.
+    pub fn create(kvm: &Kvm) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(VmError::SetTssAddress)?;
-        let supported = fd.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) as u32;
-        let manual_protect = supported & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
-        if manual_protect {
-            let mut flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
-            if origin == MemoryOrigin::Boot {
-                flags |= supported & KVM_DIRTY_LOG_INITIALLY_SET;
-            }
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                ..Default::default()
-            };
-            cap.args[0] = u64::from(flags);
-            // Ordering: the mode must be set before any slot is registered with dirty logging.
-            fd.enable_cap(&cap).map_err(VmError::EnableManualProtect)?;
-        }
-        let mut vm = Self {
+        Ok(Self {
             fd,
-            memory,
-            manual_protect,
-            register_time: Default::default(),
-        };
-        let started = std::time::Instant::now();
-        vm.register_memory()?;
-        vm.register_time = started.elapsed();
-        Ok(vm)
+            manual_protect: false,
+        })
     }
 
-    fn register_memory(&self) -> Result<(), VmError> {
-        for (slot, region) in self.memory.iter().enumerate() {
+    /// Turns on manual-protect dirty logging (`KVM_CLEAR_DIRTY_LOG`) where the kernel offers it,
+    /// with every page initially dirty for a booted VM and clean for a restored one.
+    ///
+    /// Ordering: the mode must be set before any slot is registered with dirty logging.
+    pub fn set_dirty_log_mode(&mut self, origin: MemoryOrigin) -> Result<(), VmError> {
+        let supported = self
+            .fd
+            .check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
+            as u32;
+        if supported & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 0 {
+            return Ok(());
+        }
+        let mut flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+        if origin == MemoryOrigin::Boot {
+            flags |= supported & KVM_DIRTY_LOG_INITIALLY_SET;
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(flags);
+        self.fd
+            .enable_cap(&cap)
+            .map_err(VmError::EnableManualProtect)?;
+        self.manual_protect = true;
+        Ok(())
+    }
+
+    /// Registers `memory` as the VM's RAM, one slot per region, with dirty logging on.
+    pub fn register_memory(self, memory: GuestMemory) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        for (slot, region) in memory.iter().enumerate() {
             let slot = slot as u32;
             let guest_addr = region.start_addr().0;
             let size = region.len();
@@ -124,9 +130,9 @@ impl Vm {
                 memory_size: size,
                 userspace_addr: region.as_ptr() as u64,
             };
-            // SAFETY: the region is a live mapping of exactly `size` bytes owned by `self.memory`,
-            // which outlives the VM fd (see the field order of `Vm`), and slots do not overlap
-            // because the regions of a GuestMemoryMmap do not.
+            // SAFETY: the region is a live mapping of exactly `size` bytes owned by `memory`,
+            // which the returned `Vm` keeps and drops after the VM fd (see the field order of
+            // `Vm`); slots do not overlap because the regions of a GuestMemoryMmap do not.
             unsafe { self.fd.set_user_memory_region(descriptor) }.map_err(|source| {
                 VmError::SetMemoryRegion {
                     slot,
@@ -136,39 +142,88 @@ impl Vm {
                 }
             })?;
         }
-        Ok(())
+        Ok(Vm {
+            fd: self.fd,
+            memory,
+            manual_protect: self.manual_protect,
+            register_time: started.elapsed(),
+        })
+    }
+}
+
+/// A KVM VM and its guest RAM.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order matters: `fd` is dropped (the VM destroyed) before `memory` is unmapped.
+    fd: VmFd,
+    memory: GuestMemory,
+    /// Whether `KVM_CLEAR_DIRTY_LOG` re-protects pages (manual protect) instead of
+    /// `KVM_GET_DIRTY_LOG` doing it for the whole slot.
+    manual_protect: bool,
+    /// How long registering the RAM slots (with dirty logging) took.
+    register_time: Duration,
+}
+
+impl Vm {
+    /// The three steps at once: create, set the dirty-log mode, register `memory`.
+    pub fn new(kvm: &Kvm, memory: GuestMemory, origin: MemoryOrigin) -> Result<Self, VmError> {
+        let mut vm = EmptyVm::create(kvm)?;
+        vm.set_dirty_log_mode(origin)?;
+        vm.register_memory(memory)
     }
 
-    /// Takes KVM's dirty-page bitmap of every slot (which clears it): one bit per page in
-    /// snapshot-file order (slot 0's pages, then slot 1's).
-    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>, VmError> {
-        let total_pages: u64 = self.memory.iter().map(|r| r.len() / 4096).sum();
-        let mut bitmap = vec![0u64; total_pages.div_ceil(64) as usize];
-        let mut first_page = 0u64;
-        for (slot, region) in self.memory.iter().enumerate() {
-            let slot = slot as u32;
-            let pages = region.len() / 4096;
-            let mut log = self
-                .fd
-                .get_dirty_log(slot, region.len() as usize)
-                .map_err(|source| VmError::GetDirtyLog { slot, source })?;
-            if self.manual_protect {
-                self.clear_dirty_log(slot, pages, &mut log)?;
-            }
-            for page in 0..pages {
-                if log[(page / 64) as usize] >> (page % 64) & 1 == 1 {
-                    let at = first_page + page;
-                    bitmap[(at / 64) as usize] |= 1 << (at % 64);
-                }
-            }
-            first_page += pages;
+    /// Takes the dirty-page bitmap — pages the guest wrote (KVM's log) or the VMM wrote for it
+    /// (device emulation, through the memory's own bitmap) since the last harvest — one bit per
+    /// page in snapshot-file order (slot 0's pages, then slot 1's). See [`dirty::harvest`] for
+    /// what happens to the bits when a step fails.
+    pub fn take_dirty_bitmap(&self) -> Harvest<VmError> {
+        let mut harvest = dirty::harvest(self);
+        let vmm_side = dirty::take_vmm_writes(&self.memory);
+        for (word, vmm) in harvest.bitmap.iter_mut().zip(vmm_side) {
+            *word |= vmm;
         }
-        Ok(bitmap)
+        harvest
+    }
+
+    /// How long `KVM_SET_USER_MEMORY_REGION` (with dirty logging) took for all slots.
+    pub fn register_time(&self) -> Duration {
+        self.register_time
+    }
+
+    /// Whether dirty logging runs in manual-protect mode.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+}
+
+impl DirtyLog for Vm {
+    type Error = VmError;
+
+    fn slot_pages(&self) -> Vec<u64> {
+        self.memory.iter().map(|r| r.len() / 4096).collect()
+    }
+
+    fn get(&self, slot: u32, pages: u64) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, (pages * 4096) as usize)
+            .map_err(|source| VmError::GetDirtyLog { slot, source })
+    }
+
+    fn clears_on_get(&self) -> bool {
+        !self.manual_protect
     }
 
     /// Clears (and write-protects again) exactly the pages set in `log`: pages written between
     /// the GET and this CLEAR stay dirty, and clean pages are not touched.
-    fn clear_dirty_log(&self, slot: u32, pages: u64, log: &mut [u64]) -> Result<(), VmError> {
+    fn clear(&self, slot: u32, pages: u64, log: &mut [u64]) -> Result<(), VmError> {
         let mut clear = kvm_clear_dirty_log {
             slot,
             num_pages: pages as u32,
@@ -188,23 +243,5 @@ impl Vm {
             });
         }
         Ok(())
-    }
-
-    /// How long `KVM_SET_USER_MEMORY_REGION` (with dirty logging) took for all slots.
-    pub fn register_time(&self) -> std::time::Duration {
-        self.register_time
-    }
-
-    /// Whether dirty logging runs in manual-protect mode.
-    pub fn manual_protect(&self) -> bool {
-        self.manual_protect
-    }
-
-    pub fn fd(&self) -> &VmFd {
-        &self.fd
-    }
-
-    pub fn memory(&self) -> &GuestMemory {
-        &self.memory
     }
 }

@@ -17,7 +17,7 @@
 /// `COWVMBI1` as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"COWVMBI1");
 /// Bumped whenever this layout or the workload algorithm changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// Longest argument string the page holds.
 pub const MAX_ARGS_LEN: usize = 256;
 /// Bytes of the page the VMM writes.

@@ -7,6 +7,10 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const BOOT_INFO_ADDR: u64 = 0x5000;
 /// Global descriptor table: null, 64-bit code, data.
 pub const GDT_ADDR: u64 = 0x6000;
+/// Per-vCPU progress counters, one `u64` each (guest-owned): the workload steps a vCPU has
+/// completed (see [`crate::workload::step_target`]). `cowvm stats` reports them, and tests read
+/// them from snapshots to know exactly which pages a diff must hold.
+pub const PROGRESS_ADDR: u64 = 0x7000;
 /// First page of the identity-mapping page tables (PML4, then PDPT, then page directories).
 pub const PAGE_TABLES_ADDR: u64 = 0x9000;
 /// End (exclusive) of the area the page tables may use.
@@ -45,6 +49,11 @@ pub const fn stack_pointer(index: u32) -> u64 {
     STACKS_END - index as u64 * STACK_SIZE - 8
 }
 
+/// Guest-physical address of vCPU `index`'s progress counter.
+pub const fn progress_addr(index: u32) -> u64 {
+    PROGRESS_ADDR + index as u64 * 8
+}
+
 /// Guest-physical address of workload page `page`.
 pub const fn workload_page_addr(page: u64) -> u64 {
     WORKLOAD_ADDR + page * PAGE_SIZE
@@ -76,6 +85,8 @@ mod tests {
             assert!(sp > STACKS_START && sp < STACKS_END);
         }
         assert_eq!(MAX_VCPUS, 128);
+        assert!(progress_addr(MAX_VCPUS - 1) + 8 <= PROGRESS_ADDR + PAGE_SIZE);
+        assert!(PROGRESS_ADDR >= GDT_ADDR + PAGE_SIZE && PROGRESS_ADDR < PAGE_TABLES_ADDR);
     }
 
     #[test]

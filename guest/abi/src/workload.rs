@@ -53,6 +53,23 @@ pub const fn vcpu_slice(pages: u64, index: u64, count: u64) -> (u64, u64) {
     (pages * index / count, pages * (index + 1) / count)
 }
 
+/// The `(round, page)` that step `step` of a vCPU owning pages `[start, end)` visits: the vCPU
+/// walks its slice page by page, round after round, and counts each visit as a step whether or
+/// not the page is written in that round.
+pub const fn step_target(slice: (u64, u64), step: u64) -> (u64, u64) {
+    let len = slice.1 - slice.0;
+    if len == 0 {
+        return (0, slice.0);
+    }
+    (step / len, slice.0 + step % len)
+}
+
+/// The page that step `step` writes, if it writes one.
+pub fn page_written_at_step(args: &WorkloadArgs, slice: (u64, u64), step: u64) -> Option<u64> {
+    let (round, page) = step_target(slice, step);
+    (slice.1 > slice.0 && round < args.rounds && is_written(args, page, round)).then_some(page)
+}
+
 /// The host-side oracle: the digest a complete, uninterrupted run prints.
 pub fn expected_digest(args: &WorkloadArgs) -> u64 {
     let mut words = [0u64; WORDS_PER_PAGE];
@@ -146,6 +163,26 @@ mod tests {
             }
             assert_eq!(next, 100);
         }
+    }
+
+    #[test]
+    fn steps_walk_the_slice_round_by_round() {
+        assert_eq!(step_target((10, 13), 0), (0, 10));
+        assert_eq!(step_target((10, 13), 2), (0, 12));
+        assert_eq!(step_target((10, 13), 3), (1, 10));
+        assert_eq!(step_target((5, 5), 7), (0, 5), "an empty slice");
+        let args = WorkloadArgs {
+            pages: 3,
+            rounds: 2,
+            seed: 1,
+            write_percent: 100,
+        };
+        assert_eq!(page_written_at_step(&args, (0, 3), 4), Some(1));
+        assert_eq!(
+            page_written_at_step(&args, (0, 3), 6),
+            None,
+            "past the last round"
+        );
     }
 
     #[test]

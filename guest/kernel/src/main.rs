@@ -13,7 +13,7 @@ mod mem;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use cowvm_guest_abi::boot_info::{self, BootInfo};
-use cowvm_guest_abi::layout::{workload_page_addr, BOOT_INFO_ADDR};
+use cowvm_guest_abi::layout::{progress_addr, workload_page_addr, BOOT_INFO_ADDR};
 use cowvm_guest_abi::workload::{self, WORDS_PER_PAGE};
 use cowvm_guest_abi::WorkloadArgs;
 
@@ -44,6 +44,9 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
         out.dec(info.clone_generation).str("\n");
     }
     let (start, end) = workload::vcpu_slice(args.pages, cpu, count);
+    // SAFETY: each vCPU's counter is an aligned u64 in the progress page, written only by it.
+    let progress = unsafe { &*(progress_addr(cpu as u32) as *const AtomicU64) };
+    let mut steps = 0u64;
     let mut last_tenth = 0;
     for round in 0..args.rounds {
         for page in start..end {
@@ -53,6 +56,8 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
                 let words = unsafe { page_words(page) };
                 workload::write_page(words, workload::page_key(args.seed, page, round));
             }
+            steps += 1;
+            progress.store(steps, Ordering::Relaxed);
         }
         let tenth = (round + 1) * 10 / args.rounds;
         if cpu == 0 && tenth != last_tenth {

@@ -1,14 +1,20 @@
-//! The `state` container — magic, format version, JSON payload, CRC32 — and directory fsync.
+//! The `state` container: magic, format version, JSON payload, CRC32.
+//!
+//! Versions: 1 (the first), 2 (snapshot ids, parents named by id, memory checksums). Readers
+//! take every version from [`OLDEST_READABLE`] to [`FORMAT_VERSION`]; fields a version lacks get
+//! the defaults documented on [`super::state::SnapshotState`].
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// `COWVMSNP`.
 pub const MAGIC: [u8; 8] = *b"COWVMSNP";
-/// Bumped on every change to [`super::state::SnapshotState`].
-pub const FORMAT_VERSION: u32 = 1;
-/// Largest `state` file accepted (the payload is a few KiB per vCPU).
-pub const MAX_STATE_LEN: u64 = 10 << 20;
+/// Written by this cowvm; bumped on every change to [`super::state::SnapshotState`].
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this cowvm still reads.
+pub const OLDEST_READABLE: u32 = 1;
+/// Largest `state` file accepted: a few KiB per vCPU plus 2 MiB-chunk checksums of RAM
+/// (~20 bytes of JSON per chunk, so about 10 MiB at 1 TiB).
+pub const MAX_STATE_LEN: u64 = 64 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8;
 
 /// A `state` file that cannot be used.
@@ -24,7 +30,7 @@ pub enum FormatError {
     TooLarge { path: PathBuf, len: u64 },
     #[error("{path} is not a cowvm snapshot state file (bad magic)")]
     BadMagic { path: PathBuf },
-    #[error("{path} has snapshot format version {found}; this cowvm reads version {FORMAT_VERSION} — take the snapshot again with this version")]
+    #[error("{path} has snapshot format version {found}; this cowvm reads versions {OLDEST_READABLE} to {FORMAT_VERSION} — use the cowvm that wrote it, or take the snapshot again with this one")]
     UnsupportedVersion { path: PathBuf, found: u32 },
     #[error("{path} is truncated or has trailing bytes (payload length {declared}, file {actual} bytes)")]
     BadLength {
@@ -61,9 +67,18 @@ pub fn encode<T: serde::Serialize>(value: &T) -> Result<(Vec<u8>, u32), FormatEr
     Ok((bytes, crc))
 }
 
-/// Reads and checks a state file (size cap, magic, version, length, checksum — in that order,
-/// before any of the payload is used); returns the value and the file's CRC.
-pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, u32), FormatError> {
+/// A checked state file.
+#[derive(Debug)]
+pub struct Decoded<T> {
+    pub value: T,
+    /// CRC32 of the file (header and payload).
+    pub crc: u32,
+    pub version: u32,
+}
+
+/// Reads and checks a state file (size cap, magic, length, checksum, version — before any of
+/// the payload is used).
+pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Decoded<T>, FormatError> {
     let read_err = |source| FormatError::Read {
         path: path.to_owned(),
         source,
@@ -82,7 +97,7 @@ pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, u32), For
 fn decode<T: serde::de::DeserializeOwned>(
     path: &Path,
     bytes: &[u8],
-) -> Result<(T, u32), FormatError> {
+) -> Result<Decoded<T>, FormatError> {
     let path = || path.to_owned();
     if bytes.len() < HEADER_LEN + 4 || bytes[..8] != MAGIC {
         return Err(FormatError::BadMagic { path: path() });
@@ -117,7 +132,7 @@ fn decode<T: serde::de::DeserializeOwned>(
             computed,
         });
     }
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
         return Err(FormatError::UnsupportedVersion {
             path: path(),
             found: version,
@@ -129,12 +144,11 @@ fn decode<T: serde::de::DeserializeOwned>(
             source,
         }
     })?;
-    Ok((value, found))
-}
-
-/// fsyncs a directory so renames inside it are durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+    Ok(Decoded {
+        value,
+        crc: found,
+        version,
+    })
 }
 
 #[cfg(test)]
@@ -145,27 +159,40 @@ mod tests {
     fn round_trip_and_every_flipped_bit_is_caught() {
         let value = vec![1u32, 2, 3];
         let (bytes, crc) = encode(&value).unwrap();
-        let (back, back_crc): (Vec<u32>, u32) = decode(Path::new("s"), &bytes).unwrap();
-        assert_eq!((back, back_crc), (value, crc));
+        let back: Decoded<Vec<u32>> = decode(Path::new("s"), &bytes).unwrap();
+        assert_eq!(
+            (back.value, back.crc, back.version),
+            (value, crc, FORMAT_VERSION)
+        );
         for bit in 0..bytes.len() * 8 {
             let mut bad = bytes.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            let result: Result<(Vec<u32>, u32), _> = decode(Path::new("s"), &bad);
+            let result: Result<Decoded<Vec<u32>>, _> = decode(Path::new("s"), &bad);
             assert!(result.is_err(), "flipped bit {bit} went unnoticed");
         }
     }
 
     #[test]
     fn version_and_truncation_are_named() {
-        let (mut bytes, _) = encode(&7u8).unwrap();
-        bytes[8] = 9;
-        let body_end = bytes.len() - 4;
-        let crc = crc32fast::hash(&bytes[..body_end]);
-        bytes[body_end..].copy_from_slice(&crc.to_le_bytes());
-        let err = decode::<u8>(Path::new("s"), &bytes).unwrap_err();
-        assert!(
-            matches!(err, FormatError::UnsupportedVersion { found: 9, .. }),
-            "{err}"
+        let with_version = |version: u32| {
+            let (mut bytes, _) = encode(&7u8).unwrap();
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            let body_end = bytes.len() - 4;
+            let crc = crc32fast::hash(&bytes[..body_end]);
+            bytes[body_end..].copy_from_slice(&crc.to_le_bytes());
+            decode::<u8>(Path::new("s"), &bytes)
+        };
+        for unreadable in [0, 9] {
+            let err = with_version(unreadable).unwrap_err();
+            assert!(
+                matches!(err, FormatError::UnsupportedVersion { found, .. } if found == unreadable),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            with_version(1).unwrap().version,
+            1,
+            "version 1 is still read"
         );
         let (bytes, _) = encode(&7u8).unwrap();
         let err = decode::<u8>(Path::new("s"), &bytes[..bytes.len() - 1]).unwrap_err();

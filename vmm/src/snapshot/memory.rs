@@ -10,9 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cowvm_guest_abi::layout::PAGE_SIZE;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
+use super::mapped::MappedFile;
 use crate::memory::{create_guest_memory, ram_ranges, GuestMemory, MemoryError};
 
 /// Snapshot memory could not be written or loaded.
@@ -103,7 +105,7 @@ fn write_runs(
 }
 
 /// Dumps all of RAM to `file`, leaving zero pages as holes. Returns the pages written. The
-/// caller syncs the file (see [`super::commit_dir`]).
+/// caller syncs the file (see [`super::staging::StagingDir::commit`]).
 pub fn dump_full(
     file: &File,
     memory: &GuestMemory,
@@ -155,17 +157,27 @@ fn open_checked(path: &Path, mem_size: u64) -> Result<File, SnapshotMemoryError>
 }
 
 /// Maps `path` copy-on-write as guest RAM: pages load on first touch, writes stay private to
-/// this process, and the file is never modified (so it must not change while mapped).
-pub fn map_private(path: &Path, mem_size: u64) -> Result<GuestMemory, SnapshotMemoryError> {
+/// this process, and the file is never modified (so it must not change while mapped: the
+/// returned [`MappedFile`] checks that).
+pub fn map_private(
+    path: &Path,
+    mem_size: u64,
+) -> Result<(GuestMemory, MappedFile), SnapshotMemoryError> {
     let file = Arc::new(open_checked(path, mem_size)?);
     let map_err = |reason: String| SnapshotMemoryError::Map {
         path: path.display().to_string(),
         reason,
     };
+    let mapped =
+        MappedFile::new(path, file.clone()).map_err(|source| SnapshotMemoryError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
     let mut offset = 0;
     let mut regions = Vec::new();
     for (guest_addr, len) in ram_ranges(mem_size) {
-        let mapping = MmapRegionBuilder::<()>::new(len as usize)
+        let len = len as usize;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -175,9 +187,10 @@ pub fn map_private(path: &Path, mem_size: u64) -> Result<GuestMemory, SnapshotMe
             GuestRegionMmap::new(mapping, guest_addr)
                 .ok_or_else(|| map_err("region overflows the address space".into()))?,
         );
-        offset += len;
+        offset += len as u64;
     }
-    GuestMemory::from_regions(regions).map_err(|e| map_err(e.to_string()))
+    let memory = GuestMemory::from_regions(regions).map_err(|e| map_err(e.to_string()))?;
+    Ok((memory, mapped))
 }
 
 /// Copies `path` into fresh anonymous RAM, skipping the file's holes.
@@ -284,13 +297,13 @@ mod tests {
                 .sum::<u64>(),
             2
         );
-        let mapped = map_private(&path, 8 << 20).unwrap();
+        let (mapped, _) = map_private(&path, 8 << 20).unwrap();
         assert_eq!(
             mapped.read_obj::<u64>(GuestAddress(0x7f_f000)).unwrap(),
             0x5678
         );
         mapped.write_obj(1u64, GuestAddress(0x40_0000)).unwrap();
-        let reread = map_private(&path, 8 << 20).unwrap();
+        let (reread, _) = map_private(&path, 8 << 20).unwrap();
         assert_eq!(
             reread.read_obj::<u64>(GuestAddress(0x40_0000)).unwrap(),
             0x1234,

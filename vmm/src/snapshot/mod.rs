@@ -1,15 +1,31 @@
-//! VM snapshots: a directory with `state` (vCPUs, VM, devices, memory layout) and `memory`
-//! (raw RAM, sparse), full or diff, and the code that writes, checks, loads and merges them.
+//! VM snapshots: a directory with `state` (vCPUs, VM, devices, memory layout and checksums) and
+//! `memory` (raw RAM, sparse), full or diff, and the code that writes, checks and loads them.
+//!
+//! Writing has two halves so that the guest is paused only for the first: [`write_memory`] copies
+//! RAM into the staging directory's `memory` file (guest paused), then
+//! [`PendingSnapshot::publish`] checksums that file, writes `state`, fsyncs everything and
+//! renames the directory into place (guest running again).
 
+pub mod checksum;
 pub mod format;
+mod inspect;
+pub mod mapped;
 pub mod memory;
+mod merge;
 pub mod persist;
+pub mod staging;
 pub mod state;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use state::{ParentRef, SnapshotKind, SnapshotState};
+use checksum::ChecksumError;
+use staging::{StagingDir, StagingError};
+use state::{crc_id, ParentRef, SnapshotKind, SnapshotState};
+
+pub use inspect::{inspect, InspectReport};
+pub use mapped::{MappedFile, MappedFileChanged};
+pub use merge::merge;
 
 use crate::memory::GuestMemory;
 
@@ -23,14 +39,8 @@ const MAX_CHAIN: usize = 256;
 /// A snapshot could not be taken, read or merged.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("snapshot directory {0} exists and is not empty; choose a new path")]
-    DirNotEmpty(PathBuf),
-    #[error("cannot create snapshot directory {path}: {source}")]
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Staging(#[from] StagingError),
     #[error("cannot write snapshot {path}: {source}")]
     WriteFile {
         path: PathBuf,
@@ -41,16 +51,18 @@ pub enum SnapshotError {
     Format(#[from] format::FormatError),
     #[error(transparent)]
     Memory(#[from] memory::SnapshotMemoryError),
+    #[error(transparent)]
+    Checksum(#[from] ChecksumError),
     #[error("a diff snapshot needs an earlier snapshot of this VM to build on; take a full snapshot first")]
     NoParent,
     #[error("{child} builds on {parent}, which is missing; keep a diff's parents next to it (or merge the chain first)")]
     MissingParent { child: PathBuf, parent: PathBuf },
-    #[error("{child} builds on {parent}, but that snapshot's state checksum is {found:#010x}, not the recorded {expected:#010x}: the parent was replaced")]
+    #[error("{child} builds on {parent}, but that snapshot's id is {found}, not the recorded {expected}: the parent was replaced")]
     ParentMismatch {
         child: PathBuf,
         parent: PathBuf,
-        expected: u32,
-        found: u32,
+        expected: String,
+        found: String,
     },
     #[error("{0}: diff chain longer than 256 snapshots (or a loop)")]
     ChainTooLong(PathBuf),
@@ -60,6 +72,8 @@ pub enum SnapshotError {
         kind: SnapshotKind,
         problem: &'static str,
     },
+    #[error("{0} records no memory checksums (it was written by an older cowvm, format version 1), so it cannot be verified; run without --verify, or `cowvm snapshot merge` it to record them")]
+    NoChecksums(PathBuf),
 }
 
 /// One snapshot of a chain, as read from disk.
@@ -67,60 +81,46 @@ pub enum SnapshotError {
 pub struct LoadedSnapshot {
     pub dir: PathBuf,
     pub state: SnapshotState,
+    /// CRC32 of the `state` file.
     pub crc: u32,
+    pub version: u32,
+    /// The id diffs name it by: `state.id`, or for version 1 the CRC stand-in.
+    pub id: String,
 }
 
-/// Checks that `dir` can receive a snapshot and returns the temporary directory to fill.
-pub fn begin_dir(dir: &Path) -> Result<PathBuf, SnapshotError> {
-    if let Ok(mut entries) = std::fs::read_dir(dir) {
-        if entries.next().is_some() {
-            return Err(SnapshotError::DirNotEmpty(dir.to_owned()));
+impl LoadedSnapshot {
+    /// How a diff built on this snapshot names it.
+    pub fn as_parent(&self) -> ParentRef {
+        let path = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        ParentRef {
+            path: path.display().to_string(),
+            id: Some(self.id.clone()),
+            state_crc: None,
         }
     }
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|source| SnapshotError::CreateDir {
-        path: tmp.clone(),
-        source,
-    })?;
-    Ok(tmp)
 }
 
-/// Moves a complete temporary directory to its final name.
-///
-/// Ordering: the files inside were fsynced by their writers; the rename publishes the whole
-/// snapshot at once, and the parent directory's fsync makes the rename durable.
-pub fn commit_dir(tmp: &Path, dir: &Path) -> Result<(), SnapshotError> {
-    let write_err = |source| SnapshotError::WriteFile {
-        path: dir.to_owned(),
-        source,
-    };
-    format::sync_dir(tmp).map_err(write_err)?;
-    if dir.exists() {
-        std::fs::remove_dir(dir).map_err(write_err)?;
-    }
-    std::fs::rename(tmp, dir).map_err(write_err)?;
-    format::sync_dir(
-        dir.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new(".")),
-    )
-    .map_err(write_err)
+/// A new random snapshot id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
-/// Writes `memory` (all of it, or the pages set in `dirty` for a diff) and `state` into the
-/// fresh directory `tmp`; fills in `state.memory` and returns the state file's CRC.
-pub fn write_into(
-    tmp: &Path,
-    state: &mut SnapshotState,
+/// A snapshot whose memory is written and whose state is not yet.
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    staging: StagingDir,
+    state: SnapshotState,
+}
+
+/// Writes `memory` (all of it, or the pages set in `dirty` for a diff) into the staging
+/// directory and fills in `state.memory`. Guest RAM must not change meanwhile.
+pub fn write_memory(
+    staging: StagingDir,
+    mut state: SnapshotState,
     memory: &GuestMemory,
     dirty: Option<&[u64]>,
-) -> Result<u32, SnapshotError> {
-    let memory_path = tmp.join(MEMORY_FILE);
+) -> Result<PendingSnapshot, SnapshotError> {
+    let memory_path = staging.path().join(MEMORY_FILE);
     let file = File::create(&memory_path).map_err(|source| SnapshotError::WriteFile {
         path: memory_path.clone(),
         source,
@@ -139,32 +139,74 @@ pub fn write_into(
     // The memory file is immutable once written: restored VMs map it.
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&memory_path, std::fs::Permissions::from_mode(0o444));
-    let (bytes, crc) = format::encode(state)?;
-    // A plain write: the whole directory is published by `commit_dir`'s rename after fsync.
-    std::fs::write(tmp.join(STATE_FILE), &bytes).map_err(|source| SnapshotError::WriteFile {
-        path: tmp.join(STATE_FILE),
-        source,
-    })?;
-    Ok(crc)
+    Ok(PendingSnapshot { staging, state })
+}
+
+impl PendingSnapshot {
+    pub fn state(&self) -> &SnapshotState {
+        &self.state
+    }
+
+    /// Checksums the memory file, writes `state`, fsyncs every file and the directory, and
+    /// renames it to its final name. Returns the published snapshot.
+    pub fn publish(self) -> Result<LoadedSnapshot, SnapshotError> {
+        let (staging, loaded) = self.finish()?;
+        staging.commit()?;
+        Ok(loaded)
+    }
+
+    /// As [`PendingSnapshot::publish`], but atomically replaces the existing directory.
+    pub fn publish_replacing(self) -> Result<LoadedSnapshot, SnapshotError> {
+        let (staging, loaded) = self.finish()?;
+        staging.commit_replacing()?;
+        Ok(loaded)
+    }
+
+    fn finish(mut self) -> Result<(StagingDir, LoadedSnapshot), SnapshotError> {
+        let memory_path = self.staging.path().join(MEMORY_FILE);
+        let file = File::open(&memory_path).map_err(|source| SnapshotError::WriteFile {
+            path: memory_path.clone(),
+            source,
+        })?;
+        self.state.memory.checksums =
+            Some(checksum::compute(&file, &memory_path, self.state.mem_size)?);
+        let (bytes, crc) = format::encode(&self.state)?;
+        let state_path = self.staging.path().join(STATE_FILE);
+        std::fs::write(&state_path, &bytes).map_err(|source| SnapshotError::WriteFile {
+            path: state_path,
+            source,
+        })?;
+        let id = self.state.id.clone().unwrap_or_else(|| crc_id(crc));
+        let loaded = LoadedSnapshot {
+            dir: self.staging.target().to_owned(),
+            state: self.state,
+            crc,
+            version: format::FORMAT_VERSION,
+            id,
+        };
+        Ok((self.staging, loaded))
+    }
 }
 
 /// Reads `dir` and, for a diff, its parents; returns the chain root first. Every state file
-/// and every parent checksum is checked before anything is used.
+/// and every parent's id is checked before anything is used.
 pub fn load_chain(dir: &Path) -> Result<Vec<LoadedSnapshot>, SnapshotError> {
     let mut chain = Vec::new();
-    let mut next = Some((dir.to_owned(), None::<(PathBuf, u32)>));
+    let mut next = Some((dir.to_owned(), None::<(PathBuf, String)>));
     while let Some((dir, expected)) = next.take() {
         if chain.len() >= MAX_CHAIN {
             return Err(SnapshotError::ChainTooLong(dir));
         }
-        let (state, crc): (SnapshotState, u32) = format::read(&dir.join(STATE_FILE))?;
+        let decoded = format::read::<SnapshotState>(&dir.join(STATE_FILE))?;
+        let state = decoded.value;
+        let id = state.id.clone().unwrap_or_else(|| crc_id(decoded.crc));
         if let Some((child, expected)) = expected {
-            if crc != expected {
+            if id != expected {
                 return Err(SnapshotError::ParentMismatch {
                     child,
                     parent: dir,
                     expected,
-                    found: crc,
+                    found: id,
                 });
             }
         }
@@ -181,17 +223,26 @@ pub fn load_chain(dir: &Path) -> Result<Vec<LoadedSnapshot>, SnapshotError> {
             }
             _ => {}
         }
-        if let Some(ParentRef { path, state_crc }) = &state.parent {
-            let parent = resolve_parent(&dir, Path::new(path));
+        if let Some(parent_ref) = &state.parent {
+            let Some(expected) = parent_ref.expected_id() else {
+                return Err(inconsistent("names a parent without an id"));
+            };
+            let parent = resolve_parent(&dir, Path::new(&parent_ref.path));
             if !parent.join(STATE_FILE).exists() {
                 return Err(SnapshotError::MissingParent {
                     child: dir.clone(),
                     parent,
                 });
             }
-            next = Some((parent, Some((dir.clone(), *state_crc))));
+            next = Some((parent, Some((dir.clone(), expected))));
         }
-        chain.push(LoadedSnapshot { dir, state, crc });
+        chain.push(LoadedSnapshot {
+            dir,
+            state,
+            crc: decoded.crc,
+            version: decoded.version,
+            id,
+        });
     }
     chain.reverse();
     Ok(chain)
@@ -208,18 +259,38 @@ fn resolve_parent(child: &Path, recorded: &Path) -> PathBuf {
     }
 }
 
+/// Checks every memory file of `chain` against the checksums recorded in its state.
+pub fn verify_chain(chain: &[LoadedSnapshot]) -> Result<(), SnapshotError> {
+    for snapshot in chain {
+        let Some(recorded) = &snapshot.state.memory.checksums else {
+            return Err(SnapshotError::NoChecksums(snapshot.dir.clone()));
+        };
+        let path = snapshot.dir.join(MEMORY_FILE);
+        checksum::verify(&path, snapshot.state.mem_size, recorded)?;
+    }
+    Ok(())
+}
+
+/// Guest RAM built from a chain, and the file it maps (none when it was copied).
+#[derive(Debug)]
+pub struct LoadedMemory {
+    pub memory: GuestMemory,
+    pub mapped: Option<MappedFile>,
+}
+
 /// Builds guest RAM from a loaded chain: the root's memory mapped `MAP_PRIVATE` (or copied with
 /// `eager`), then each diff's pages read on top, oldest first.
-pub fn load_memory(chain: &[LoadedSnapshot], eager: bool) -> Result<GuestMemory, SnapshotError> {
+pub fn load_memory(chain: &[LoadedSnapshot], eager: bool) -> Result<LoadedMemory, SnapshotError> {
     let Some(root) = chain.first() else {
         return Err(SnapshotError::NoParent);
     };
     let mem_size = root.state.mem_size;
     let root_memory = root.dir.join(MEMORY_FILE);
-    let guest = if eager {
-        memory::load_eager(&root_memory, mem_size)?
+    let (guest, mapped) = if eager {
+        (memory::load_eager(&root_memory, mem_size)?, None)
     } else {
-        memory::map_private(&root_memory, mem_size)?
+        let (guest, mapped) = memory::map_private(&root_memory, mem_size)?;
+        (guest, Some(mapped))
     };
     for diff in &chain[1..] {
         if diff.state.mem_size != mem_size {
@@ -245,120 +316,8 @@ pub fn load_memory(chain: &[LoadedSnapshot], eager: bool) -> Result<GuestMemory,
         }
         memory::apply_runs(&file, &path, &guest, &diff.state.memory.runs)?;
     }
-    Ok(guest)
-}
-
-/// Squashes the chain ending at `dir` into one full snapshot at `out` (`dir` itself when
-/// `out` is `None`, replaced atomically).
-pub fn merge(dir: &Path, out: Option<&Path>) -> Result<LoadedSnapshot, SnapshotError> {
-    let mut chain = load_chain(dir)?;
-    let memory = load_memory(&chain, true)?;
-    let top = chain.pop().ok_or(SnapshotError::NoParent)?;
-    let mut state = top.state;
-    state.kind = SnapshotKind::Full;
-    state.parent = None;
-    let target = out.unwrap_or(dir).to_owned();
-    let staging = target.with_file_name(format!(
-        ".{}.merge-{}",
-        target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|source| SnapshotError::CreateDir {
-        path: staging.clone(),
-        source,
-    })?;
-    let crc = write_into(&staging, &mut state, &memory, None)?;
-    if out.is_none() {
-        // Replace in place: the old directory goes only after the new one is complete.
-        let old = dir.with_file_name(format!(
-            ".{}.old-{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        std::fs::rename(dir, &old).map_err(|source| SnapshotError::WriteFile {
-            path: dir.to_owned(),
-            source,
-        })?;
-        commit_dir(&staging, dir)?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        if let Ok(mut entries) = std::fs::read_dir(&target) {
-            if entries.next().is_some() {
-                let _ = std::fs::remove_dir_all(&staging);
-                return Err(SnapshotError::DirNotEmpty(target));
-            }
-        }
-        commit_dir(&staging, &target)?;
-    }
-    Ok(LoadedSnapshot {
-        dir: target,
-        state,
-        crc,
-    })
-}
-
-/// What `cowvm snapshot inspect` reports.
-#[derive(Debug, serde::Serialize)]
-pub struct InspectReport {
-    pub path: String,
-    pub kind: SnapshotKind,
-    pub parent: Option<String>,
-    pub chain_length: usize,
-    pub mem_size: u64,
-    pub vcpus: usize,
-    pub pages_stored: u64,
-    pub pages_allocated_on_disk: u64,
-    pub state_crc32: String,
-    pub checks: &'static str,
-}
-
-/// Checks a snapshot and its chain (magic, version, checksums, parents, memory file sizes) and
-/// describes it.
-pub fn inspect(dir: &Path) -> Result<InspectReport, SnapshotError> {
-    let chain = load_chain(dir)?;
-    for snapshot in &chain {
-        let path = snapshot.dir.join(MEMORY_FILE);
-        let len = std::fs::metadata(&path)
-            .map_err(|source| memory::SnapshotMemoryError::Read {
-                path: path.display().to_string(),
-                source,
-            })?
-            .len();
-        if len != snapshot.state.mem_size {
-            return Err(memory::SnapshotMemoryError::WrongSize {
-                path: path.display().to_string(),
-                expected: snapshot.state.mem_size,
-                actual: len,
-            }
-            .into());
-        }
-    }
-    let top = chain.last().ok_or(SnapshotError::NoParent)?;
-    let memory_path = top.dir.join(MEMORY_FILE);
-    let file = File::open(&memory_path).map_err(|source| memory::SnapshotMemoryError::Read {
-        path: memory_path.display().to_string(),
-        source,
-    })?;
-    let allocated = memory::data_extents(&file, top.state.mem_size)
-        .iter()
-        .map(|(_, n)| n)
-        .sum();
-    Ok(InspectReport {
-        path: dir.display().to_string(),
-        kind: top.state.kind,
-        parent: top.state.parent.as_ref().map(|p| p.path.clone()),
-        chain_length: chain.len(),
-        mem_size: top.state.mem_size,
-        vcpus: top.state.vcpus.len(),
-        pages_stored: top.state.memory.pages_stored,
-        pages_allocated_on_disk: allocated,
-        state_crc32: format!("{:08x}", top.crc),
-        checks: "ok",
+    Ok(LoadedMemory {
+        memory: guest,
+        mapped,
     })
 }

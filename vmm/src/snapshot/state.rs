@@ -6,6 +6,8 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::checksum::MemoryChecksums;
+
 /// Full snapshots hold all of RAM; diffs hold the pages written since their parent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -19,13 +21,36 @@ pub enum SnapshotKind {
 pub struct ParentRef {
     /// Absolute path of the parent snapshot directory when this one was written.
     pub path: String,
-    /// CRC32 of the parent's `state` file.
-    pub state_crc: u32,
+    /// The parent's [`SnapshotState::id`] (format version 2 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// CRC32 of the parent's `state` file (format version 1, which had no ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_crc: Option<u32>,
 }
 
-/// Everything in `state`.
+impl ParentRef {
+    /// The identity the parent must have: its id, or for a version-1 reference the id that
+    /// stands in for a version-1 snapshot (see [`crc_id`]).
+    pub fn expected_id(&self) -> Option<String> {
+        self.id.clone().or(self.state_crc.map(crc_id))
+    }
+}
+
+/// The id of a snapshot written before ids existed (format version 1): its state file's CRC.
+/// `merge` carries it over, so diffs built on a version-1 snapshot stay valid after a merge.
+pub fn crc_id(state_crc: u32) -> String {
+    format!("crc32:{state_crc:08x}")
+}
+
+/// Everything in `state`. Fields added after format version 1 have `#[serde(default)]`: their
+/// documented defaults are what a version-1 file means.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
+    /// A random UUID given when the snapshot is taken and kept by `merge` (which produces the
+    /// same VM state), so that diffs naming it stay valid. Absent in version 1: see [`crc_id`].
+    #[serde(default)]
+    pub id: Option<String>,
     pub kind: SnapshotKind,
     pub parent: Option<ParentRef>,
     pub mem_size: u64,
@@ -36,13 +61,16 @@ pub struct SnapshotState {
 }
 
 /// What `memory` holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryState {
     /// Page runs `(first page, page count)` stored in a diff, at file offset page × 4 KiB.
     /// Empty for a full snapshot, where every page is present (holes read as zero).
     pub runs: Vec<(u64, u64)>,
     /// Pages stored with data (for a full snapshot: the pages that are not zero).
     pub pages_stored: u64,
+    /// Checksums of the `memory` file, checked by `--verify`. Absent in version 1.
+    #[serde(default)]
+    pub checksums: Option<MemoryChecksums>,
 }
 
 /// VM-wide KVM state.
@@ -212,10 +240,25 @@ mod tests {
         let memory = MemoryState {
             runs: vec![(0, 3), (9, 1)],
             pages_stored: 4,
+            checksums: None,
         };
         let json = serde_json::to_string(&(SnapshotKind::Diff, &memory)).unwrap();
         assert!(json.contains("\"diff\""), "{json}");
         let back: (SnapshotKind, MemoryState) = serde_json::from_str(&json).unwrap();
         assert_eq!(back, (SnapshotKind::Diff, memory));
+    }
+
+    #[test]
+    fn version_1_parent_references_read_with_their_crc_as_id() {
+        let v1: ParentRef = serde_json::from_str(r#"{"path":"/p","state_crc":123}"#).unwrap();
+        assert_eq!(v1.expected_id().as_deref(), Some("crc32:0000007b"));
+        let v2 = ParentRef {
+            path: "/p".into(),
+            id: Some("abc".into()),
+            state_crc: None,
+        };
+        let json = serde_json::to_string(&v2).unwrap();
+        assert_eq!(json, r#"{"path":"/p","id":"abc"}"#);
+        assert_eq!(v2.expected_id().as_deref(), Some("abc"));
     }
 }
