@@ -139,6 +139,44 @@ impl RunningVm {
     }
 }
 
+/// One connection to a VM's control socket, speaking its JSON lines directly.
+#[derive(Debug)]
+pub struct ApiClient {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl ApiClient {
+    pub fn connect(socket: &Path) -> std::io::Result<Self> {
+        let writer = std::os::unix::net::UnixStream::connect(socket)?;
+        Ok(Self {
+            reader: std::io::BufReader::new(writer.try_clone()?),
+            writer,
+        })
+    }
+
+    /// Sends one request (a JSON object) and returns the reply; `None` once the VM is gone.
+    pub fn request(&mut self, request: &str) -> Option<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        writeln!(self.writer, "{request}").ok()?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+}
+
+/// What the thread named `name` of process `pid` is blocked in (`/proc/PID/task/*/wchan`).
+pub fn thread_wchan(pid: u32, name: &str) -> Option<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            return std::fs::read_to_string(task.path().join("wchan")).ok();
+        }
+    }
+    None
+}
+
 /// Waits (up to 10 s) for a control socket to appear.
 pub fn wait_for_socket(socket: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -217,6 +255,46 @@ pub mod code {
         ];
         code.extend_from_slice(&[0xeb, 0xfe]);
         code
+    }
+
+    /// Stores `fill` in COM1's scratch register, then `count` times: `rep insb` of 64 bytes
+    /// from the scratch register into a buffer and `rep outsb` of the buffer to COM1; then exit
+    /// status 0. The output is `fill` repeated 64 × `count` times when each string item is
+    /// a separate device access.
+    pub fn rep_insb_outsb(count: u32, fill: u8) -> Vec<u8> {
+        let mut code = vec![
+            0x66, 0xba, 0xff, 0x03, // mov dx, 0x3ff (scratch)
+            0xb0, fill, // mov al, fill
+            0xee, // out dx, al
+            0xbb, // mov ebx, count
+        ];
+        code.extend_from_slice(&count.to_le_bytes());
+        code.extend_from_slice(&[
+            0x48, 0x8d, 0x3d, 0x2a, 0x00, 0x00, 0x00, // loop: lea rdi, [rip + buffer]
+            0xb9, 0x40, 0x00, 0x00, 0x00, // mov ecx, 64
+            0x66, 0xba, 0xff, 0x03, // mov dx, 0x3ff
+            0xf3, 0x6c, // rep insb
+            0x48, 0x8d, 0x35, 0x18, 0x00, 0x00, 0x00, // lea rsi, [rip + buffer]
+            0xb9, 0x40, 0x00, 0x00, 0x00, // mov ecx, 64
+            0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xf3, 0x6e, // rep outsb
+            0xff, 0xcb, // dec ebx
+            0x75, 0xd8, // jnz loop
+        ]);
+        code.extend_from_slice(&exit(0));
+        assert_eq!(code.len(), 0x3d, "the lea offsets above point just past the code");
+        code.extend_from_slice(&[0; 64]);
+        code
+    }
+
+    /// Writes `x` to COM1 forever, without waiting for the transmitter.
+    pub fn serial_flood() -> Vec<u8> {
+        vec![
+            0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb0, b'x', // mov al, 'x'
+            0xee, // loop: out dx, al
+            0xeb, 0xfd, // jmp loop
+        ]
     }
 
     /// Parks the only vCPU without writing an exit status.

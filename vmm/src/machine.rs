@@ -150,10 +150,27 @@ impl Machine {
     /// Sends `request` to every vCPU, then waits for all answers against one deadline, so they
     /// pause together. Each vCPU's outcome is returned, in vCPU order.
     fn broadcast(&mut self, request: VcpuRequest) -> Vec<Result<VcpuResponse, VcpuError>> {
-        let tickets: Vec<_> = self.vcpus.iter_mut().map(|v| v.send(request)).collect();
+        let all: Vec<usize> = (0..self.vcpus.len()).collect();
+        self.send_and_wait(request, &all, &all)
+    }
+
+    /// Sends `request` to the vCPUs in `to` and waits for the answers of those in `wait_for`.
+    fn send_and_wait(
+        &mut self,
+        request: VcpuRequest,
+        to: &[usize],
+        wait_for: &[usize],
+    ) -> Vec<Result<VcpuResponse, VcpuError>> {
+        let tickets: Vec<_> = to
+            .iter()
+            .map(|&index| (index, self.vcpus[index].send(request)))
+            .collect();
         let deadline = Instant::now() + RESPONSE_TIMEOUT;
-        let mut outcomes = Vec::with_capacity(tickets.len());
-        for (index, ticket) in tickets.into_iter().enumerate() {
+        let mut outcomes = Vec::with_capacity(wait_for.len());
+        for (index, ticket) in tickets {
+            if !wait_for.contains(&index) {
+                continue;
+            }
             let outcome = ticket.and_then(|t| self.vcpus[index].wait(t, deadline));
             if let Ok(VcpuResponse::State(state)) = &outcome {
                 self.vcpu_states[index] = *state;
@@ -168,22 +185,21 @@ impl Machine {
     /// queue, so the VM keeps running as before and the error names the vCPU.
     pub fn pause(&mut self) -> Result<(), VcpuError> {
         let outcomes = self.broadcast(VcpuRequest::Pause);
-        let failures: Vec<(usize, VcpuError)> = outcomes
+        let (answered, failed): (Vec<_>, Vec<_>) = outcomes
             .into_iter()
             .enumerate()
-            .filter_map(|(index, outcome)| outcome.err().map(|e| (index, e)))
-            .collect();
-        let Some((_, first)) = failures.into_iter().next() else {
+            .partition(|(_, outcome)| outcome.is_ok());
+        let Some((_, Err(first))) = failed.into_iter().next() else {
             self.paused = true;
             return Ok(());
         };
-        // Roll back: everything that paused runs again; queued requests reach the stuck vCPU
-        // when it gets back to its loop, and their late replies are dropped by ticket.
-        let outcomes = self.broadcast(VcpuRequest::Resume);
-        for (index, outcome) in outcomes.iter().enumerate() {
-            if outcome.is_err() {
-                self.vcpu_states[index] = RunState::Running;
-            }
+        // Roll back: what paused runs again, and the stuck vCPU finds the resume queued behind
+        // its pause when it gets back to its loop (its late replies are dropped by ticket).
+        let all: Vec<usize> = (0..self.vcpus.len()).collect();
+        let answered: Vec<usize> = answered.into_iter().map(|(index, _)| index).collect();
+        self.send_and_wait(VcpuRequest::Resume, &all, &answered);
+        for index in all.iter().filter(|i| !answered.contains(i)) {
+            self.vcpu_states[*index] = RunState::Running;
         }
         self.paused = false;
         Err(first)

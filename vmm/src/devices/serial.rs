@@ -28,6 +28,8 @@ pub static FIRST_ACCESS_AT: OnceLock<Instant> = OnceLock::new();
 /// A 16550 UART on the port bus.
 pub struct SerialDevice {
     uart: Serial<NoInterrupt, NoEvents, Box<dyn Write + Send>>,
+    /// Output errors so far (only the first is logged: a closed pipe fails every byte).
+    output_errors: u64,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -40,6 +42,7 @@ impl SerialDevice {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::new(NoInterrupt, out),
+            output_errors: 0,
         }
     }
 }
@@ -64,7 +67,10 @@ impl Persist for SerialDevice {
     ) -> Result<Self, SerialRestoreError> {
         let state = vm_superio::serial::SerialState::from(state);
         Serial::from_state(&state, NoInterrupt, NoEvents, out)
-            .map(|uart| Self { uart })
+            .map(|uart| Self {
+                uart,
+                output_errors: 0,
+            })
             .map_err(|e| SerialRestoreError(format!("{e:?}")))
     }
 }
@@ -81,7 +87,10 @@ impl BusDevice for SerialDevice {
         FIRST_ACCESS_AT.get_or_init(Instant::now);
         if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
             if let Err(e) = self.uart.write(offset, value) {
-                tracing::warn!("serial output failed: {e}");
+                if self.output_errors == 0 {
+                    tracing::warn!("serial output failed: {e}; further failures are not logged");
+                }
+                self.output_errors += 1;
             }
         }
         VcpuAction::Continue
