@@ -282,7 +282,11 @@ pub mod code {
             0x75, 0xd8, // jnz loop
         ]);
         code.extend_from_slice(&exit(0));
-        assert_eq!(code.len(), 0x3d, "the lea offsets above point just past the code");
+        assert_eq!(
+            code.len(),
+            0x3d,
+            "the lea offsets above point just past the code"
+        );
         code.extend_from_slice(&[0; 64]);
         code
     }

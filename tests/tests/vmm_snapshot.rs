@@ -245,7 +245,11 @@ fn diff_matches_the_oracle(write: u32) -> (usize, usize) {
     let stored = stored_pages(&diff);
     let report = cowvm(&["snapshot", "inspect", "--json", diff.to_str().unwrap()]);
     let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
-    assert_eq!(report["pages_stored"], stored.len() as u64, "state lists what it stores");
+    assert_eq!(
+        report["pages_stored"],
+        stored.len() as u64,
+        "state lists what it stores"
+    );
     assert_eq!(
         report["pages_allocated_on_disk"],
         stored.len() as u64,
@@ -259,11 +263,17 @@ fn diff_matches_the_oracle(write: u32) -> (usize, usize) {
         stored.len()
     );
     let progress_page = layout::PROGRESS_ADDR / layout::PAGE_SIZE;
-    assert!(stored.contains(&progress_page), "the progress counter moved: {stored:?}");
+    assert!(
+        stored.contains(&progress_page),
+        "the progress counter moved: {stored:?}"
+    );
 
     let before = read_u64(&full.join("memory"), layout::progress_addr(0));
     let after = read_u64(&diff.join("memory"), layout::progress_addr(0));
-    assert!(after > before, "the guest ran between the snapshots ({before} → {after})");
+    assert!(
+        after > before,
+        "the guest ran between the snapshots ({before} → {after})"
+    );
     let slice = vcpu_slice(pages, 0, 1);
     let first = layout::WORKLOAD_ADDR / layout::PAGE_SIZE;
     let written = |steps: std::ops::Range<u64>| -> BTreeSet<u64> {
@@ -282,12 +292,18 @@ fn diff_matches_the_oracle(write: u32) -> (usize, usize) {
         .iter()
         .partition(|&&p| p >= first && p < first + pages);
     let missing: Vec<_> = certain.difference(&in_workload).collect();
-    assert!(missing.is_empty(), "written pages missing from the diff: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "written pages missing from the diff: {missing:?}"
+    );
     let extra: Vec<_> = in_workload
         .difference(&certain)
         .filter(|p| !maybe.contains(p))
         .collect();
-    assert!(extra.is_empty(), "pages in the diff the workload did not write: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "pages in the diff the workload did not write: {extra:?}"
+    );
     assert!(
         other.iter().all(|&p| is_guest_scratch(p)),
         "unexpected pages: {other:?}"
@@ -302,7 +318,10 @@ fn a_diff_holds_exactly_the_pages_the_guest_wrote() {
     }
     // A partial pattern: 30 % of the pages visited between the snapshots.
     let (certain, stored) = diff_matches_the_oracle(30);
-    assert!(certain > 0, "the workload wrote pages between the snapshots");
+    assert!(
+        certain > 0,
+        "the workload wrote pages between the snapshots"
+    );
     assert!(stored < 12_000, "a partial diff, not every page: {stored}");
     // write=0: the workload writes nothing, so the diff holds scratch pages only.
     let (certain, stored) = diff_matches_the_oracle(0);

@@ -75,7 +75,10 @@ fn no_staging_left(dir: &Path) {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(".tmp-"))
         .collect();
-    assert!(leftovers.is_empty(), "staging directories left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "staging directories left: {leftovers:?}"
+    );
 }
 
 /// A full snapshot of a running `pages=2000` guest in `dir/full`.
@@ -124,7 +127,12 @@ fn snapshot_files_are_fsynced_before_the_directory_is_published() {
         .arg("-o")
         .arg(&log)
         .arg(bin_path("cowvm"))
-        .args(["run", "--args", "pages=500 rounds=1000000 write=10", "--api-socket"])
+        .args([
+            "run",
+            "--args",
+            "pages=500 rounds=1000000 write=10",
+            "--api-socket",
+        ])
         .arg(&socket)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -171,14 +179,26 @@ fn snapshot_files_are_fsynced_before_the_directory_is_published() {
             let tmp = call.split('"').nth(1).unwrap().to_string();
             for file in ["memory", "state"] {
                 let path = format!("{tmp}/{file}");
-                assert!(synced.contains(&path), "{path} was not fsynced before the rename");
+                assert!(
+                    synced.contains(&path),
+                    "{path} was not fsynced before the rename"
+                );
             }
-            assert!(synced.contains(&tmp), "the staging directory was not fsynced");
+            assert!(
+                synced.contains(&tmp),
+                "the staging directory was not fsynced"
+            );
             renamed_from = Some(tmp);
         }
     }
-    assert!(renamed_from.is_some(), "no rename to {final_name} in {calls:#?}");
-    assert!(parent_synced_after_rename, "the rename was not made durable");
+    assert!(
+        renamed_from.is_some(),
+        "no rename to {final_name} in {calls:#?}"
+    );
+    assert!(
+        parent_synced_after_rename,
+        "the rename was not made durable"
+    );
 }
 
 #[test]
@@ -191,7 +211,9 @@ fn verify_refuses_a_flipped_memory_byte_and_names_its_chunk() {
     let output = cowvm(&["snapshot", "inspect", "--verify", full.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(
-        stdout(&output).contains("ok (magic, version, state checksums, parent ids, memory sizes, memory checksums)"),
+        stdout(&output).contains(
+            "ok (magic, version, state checksums, parent ids, memory sizes, memory checksums)"
+        ),
         "{}",
         stdout(&output)
     );
@@ -222,14 +244,22 @@ fn verify_refuses_a_flipped_memory_byte_and_names_its_chunk() {
 
     // A version-1 snapshot recorded no checksums: --verify says so instead of passing.
     assert_error(
-        &cowvm(&["restore", "--verify", fixture("snapshot-v1").to_str().unwrap()]),
+        &cowvm(&[
+            "restore",
+            "--verify",
+            fixture("snapshot-v1").to_str().unwrap(),
+        ]),
         "records no memory checksums (it was written by an older cowvm, format version 1)",
     );
 }
 
 /// Restores `full` paused with a control socket, lets `damage` change its memory file, resumes,
 /// and returns the exit status and stderr.
-fn restore_and_damage(dir: &Path, full: &Path, damage: impl FnOnce(&Path)) -> (Option<i32>, String) {
+fn restore_and_damage(
+    dir: &Path,
+    full: &Path,
+    damage: impl FnOnce(&Path),
+) -> (Option<i32>, String) {
     let vm_dir = dir.join("restored");
     std::fs::create_dir_all(&vm_dir).unwrap();
     let vm = RunningVm::restore(&vm_dir, full, &["--paused"]);
@@ -252,10 +282,17 @@ fn changing_the_memory_file_under_a_restored_vm_stops_it_with_a_clear_error() {
     let truncated = dir.path().join("truncated");
     copy_dir(&full, &truncated);
     let (code, err) = restore_and_damage(dir.path(), &truncated, |memory| {
-        let file = std::fs::OpenOptions::new().write(true).open(memory).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(memory)
+            .unwrap();
         file.set_len(4 << 20).unwrap();
     });
-    assert_eq!(code, Some(1), "an error exit, not a signal (no core dump): {err}");
+    assert_eq!(
+        code,
+        Some(1),
+        "an error exit, not a signal (no core dump): {err}"
+    );
     assert!(
         err.contains(&format!(
             "snapshot memory file {} was truncated while in use",
@@ -263,13 +300,19 @@ fn changing_the_memory_file_under_a_restored_vm_stops_it_with_a_clear_error() {
         )),
         "{err}"
     );
-    assert!(!err.contains("panicked") && !err.contains("Bad address"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Bad address"),
+        "{err}"
+    );
 
     let modified = dir.path().join("modified");
     copy_dir(&full, &modified);
     let (code, err) = restore_and_damage(dir.path(), &modified, |memory| {
         std::thread::sleep(Duration::from_millis(20));
-        let file = std::fs::OpenOptions::new().write(true).open(memory).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(memory)
+            .unwrap();
         file.write_all_at(&[0xff; 16], 5 << 20).unwrap();
     });
     assert_eq!(code, Some(1), "{err}");
@@ -301,7 +344,10 @@ fn merging_in_place_keeps_diffs_built_on_it_valid() {
     let after = inspect(&d1);
     assert_eq!(after["kind"], "full");
     assert_eq!(after["chain_length"], 1);
-    assert_eq!(after["id"], before["id"], "the merged snapshot keeps its id");
+    assert_eq!(
+        after["id"], before["id"],
+        "the merged snapshot keeps its id"
+    );
     no_staging_left(dir.path());
     // d2 names d1 by id: still valid, and restores to the oracle, also without `full`.
     std::fs::remove_dir_all(&full).unwrap();
@@ -340,6 +386,9 @@ fn snapshots_of_earlier_format_versions_still_restore() {
     let output = cowvm(&["snapshot", "merge", v1.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let merged = inspect(&v1);
-    assert_eq!((merged["format_version"].as_u64(), merged["id"].as_str()), (Some(2), Some(crc_id.as_str())));
+    assert_eq!(
+        (merged["format_version"].as_u64(), merged["id"].as_str()),
+        (Some(2), Some(crc_id.as_str()))
+    );
     assert_eq!(restore(&diff, &["--verify"]), expected);
 }

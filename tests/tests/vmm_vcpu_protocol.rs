@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use cowvm_tests::bin_path;
 use cowvm_tests::vmm_harness::{
-    code, cowvm, kvm_usable, stderr, stdout, thread_wchan, wait_for_socket, write_file,
-    ApiClient,
+    code, cowvm, kvm_usable, stderr, stdout, thread_wchan, wait_for_socket, write_file, ApiClient,
 };
 
 fn control(socket: &str, command: &str) -> std::process::Output {
@@ -19,8 +18,9 @@ fn control(socket: &str, command: &str) -> std::process::Output {
 
 #[test]
 fn a_vcpu_stuck_in_a_device_write_fails_the_snapshot_and_the_vm_stays_controllable() {
-    if !kvm_usable("a_vcpu_stuck_in_a_device_write_fails_the_snapshot_and_the_vm_stays_controllable")
-    {
+    if !kvm_usable(
+        "a_vcpu_stuck_in_a_device_write_fails_the_snapshot_and_the_vm_stays_controllable",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -41,7 +41,10 @@ fn a_vcpu_stuck_in_a_device_write_fails_the_snapshot_and_the_vm_stays_controllab
     wait_for_socket(&socket);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !thread_wchan(child.id(), "vcpu0").is_some_and(|w| w.contains("pipe_write")) {
-        assert!(Instant::now() < deadline, "vCPU 0 never blocked on the full pipe");
+        assert!(
+            Instant::now() < deadline,
+            "vCPU 0 never blocked on the full pipe"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 
@@ -77,7 +80,10 @@ fn a_vcpu_stuck_in_a_device_write_fails_the_snapshot_and_the_vm_stays_controllab
     let stats = control(socket_arg, "stats");
     assert_eq!(stats.status.code(), Some(0), "{}", stderr(&stats));
     let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
-    assert_eq!(stats["state"], "running", "the failed pause was rolled back");
+    assert_eq!(
+        stats["state"], "running",
+        "the failed pause was rolled back"
+    );
 
     // Unblock the vCPU: its late replies to the old requests must not answer new ones.
     let mut out = child.stdout.take().unwrap();
@@ -105,7 +111,12 @@ fn a_vcpu_stuck_in_a_device_write_fails_the_snapshot_and_the_vm_stays_controllab
         snapshot_dir.to_str().unwrap(),
     ]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let inspect = cowvm(&["snapshot", "inspect", "--json", snapshot_dir.to_str().unwrap()]);
+    let inspect = cowvm(&[
+        "snapshot",
+        "inspect",
+        "--json",
+        snapshot_dir.to_str().unwrap(),
+    ]);
     let report: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     assert_eq!(report["vcpus"], 1);
     assert_eq!(
@@ -114,9 +125,17 @@ fn a_vcpu_stuck_in_a_device_write_fails_the_snapshot_and_the_vm_stays_controllab
     );
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(drain.join().unwrap() > 4096, "the flood went through once unblocked");
+    assert!(
+        drain.join().unwrap() > 4096,
+        "the flood went through once unblocked"
+    );
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -151,10 +170,21 @@ fn string_port_io_is_item_by_item_across_pauses() {
     }
     let status = child.wait().unwrap();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert_eq!(status.code(), Some(0), "{err}");
-    assert!(!err.contains("unmapped"), "string I/O split into items: {err}");
-    assert!(pauses > 10, "the guest ran long enough to be paused: {pauses}");
+    assert!(
+        !err.contains("unmapped"),
+        "string I/O split into items: {err}"
+    );
+    assert!(
+        pauses > 10,
+        "the guest ran long enough to be paused: {pauses}"
+    );
     let written = std::fs::read(&serial).unwrap();
     assert_eq!(written.len(), 64 * count as usize, "bytes lost or repeated");
     assert!(

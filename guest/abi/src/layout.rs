@@ -85,8 +85,10 @@ mod tests {
             assert!(sp > STACKS_START && sp < STACKS_END);
         }
         assert_eq!(MAX_VCPUS, 128);
-        assert!(progress_addr(MAX_VCPUS - 1) + 8 <= PROGRESS_ADDR + PAGE_SIZE);
-        assert!(PROGRESS_ADDR >= GDT_ADDR + PAGE_SIZE && PROGRESS_ADDR < PAGE_TABLES_ADDR);
+        const {
+            assert!(progress_addr(MAX_VCPUS - 1) + 8 <= PROGRESS_ADDR + PAGE_SIZE);
+            assert!(PROGRESS_ADDR >= GDT_ADDR + PAGE_SIZE && PROGRESS_ADDR < PAGE_TABLES_ADDR);
+        }
     }
 
     #[test]

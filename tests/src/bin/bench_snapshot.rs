@@ -73,6 +73,8 @@ impl Drop for ScratchDir {
 #[derive(Debug, Clone)]
 struct Snap {
     pause_ms: f64,
+    /// Request to published directory, fsyncs included (the CLI's "on disk after").
+    total_ms: f64,
     pages_stored: u64,
     /// `pages_allocated_on_disk` from `cowvm snapshot inspect --json`.
     pages_allocated: u64,
@@ -88,6 +90,7 @@ struct Snap {
 #[derive(Debug)]
 struct RawDiff {
     dir: PathBuf,
+    total_ms: f64,
     pages_stored: u64,
     pause_ms: f64,
     ran_for: Duration,
@@ -158,6 +161,10 @@ struct SizeResult {
     copy_ms: Vec<f64>,
     copy_bytes: u64,
     copy_command: String,
+    copy_sync_ms: Vec<f64>,
+    copy_sync_command: String,
+    verify_ms: Vec<f64>,
+    verify_command: String,
     private_vmm_ms: Vec<f64>,
     private_start_ms: Vec<f64>,
     eager_vmm_ms: Vec<f64>,
@@ -334,9 +341,10 @@ fn bench_size(cowvm: &Path, dir: &Path, label: &str, mem: u64, knobs: Knobs) -> 
         String::from_utf8_lossy(&output.stderr)
     );
     let mut last_reply = Instant::now();
-    let (full_pages, full_pause) = parse_create_line(&stdout)
+    let (full_pages, full_pause, full_total) = parse_create_line(&stdout)
         .with_context(|| format!("unexpected output of {full_command}: {stdout:?}"))?;
-    let full = describe_snapshot(cowvm, &full_dir, full_pause, full_pages, fill_time, "full")?;
+    let mut full = describe_snapshot(cowvm, &full_dir, full_pause, full_pages, fill_time, "full")?;
+    full.total_ms = full_total;
 
     // Diffs: calibrate the dirtying rate, then aim at 1 % and 10 % of the workload pages.
     let diff_command = format!(
@@ -369,6 +377,7 @@ fn bench_size(cowvm: &Path, dir: &Path, label: &str, mem: u64, knobs: Knobs) -> 
         last_reply = Instant::now();
         Ok(RawDiff {
             dir,
+            total_ms: reply["total_us"].as_f64().unwrap_or(0.0) / 1e3,
             pages_stored: reply["pages_stored"]
                 .as_u64()
                 .context("snapshot reply without pages_stored")?,
@@ -425,6 +434,7 @@ fn bench_size(cowvm: &Path, dir: &Path, label: &str, mem: u64, knobs: Knobs) -> 
                     "diff",
                 )?;
                 snap.attempts = raw.attempts;
+                snap.total_ms = raw.total_ms;
                 Ok(snap)
             })
             .collect()
@@ -455,7 +465,40 @@ fn bench_size(cowvm: &Path, dir: &Path, label: &str, mem: u64, knobs: Knobs) -> 
         ensure!(status.success(), "{copy_command}: {status}");
         copy_bytes = allocated_bytes(&copy)?;
     }
+    // The same copy made durable: what the snapshot's total time compares with.
+    let sync_argv = [path_str(&copy)?];
+    let copy_sync_command = format!(
+        "{copy_command} && {}",
+        command_line(Path::new("sync"), &sync_argv)
+    );
+    let mut copy_sync_ms = Vec::new();
+    for _ in 0..(if mem > 2 << 30 { 1 } else { 3 }) {
+        let _ = std::fs::remove_file(&copy);
+        let started = Instant::now();
+        let copied = Command::new("cp").args(copy_argv).status()?;
+        let synced = Command::new("sync").args(sync_argv).status()?;
+        copy_sync_ms.push(ms(started.elapsed()));
+        ensure!(
+            copied.success() && synced.success(),
+            "{copy_sync_command} failed"
+        );
+    }
     std::fs::remove_file(&copy).with_context(|| format!("remove {}", copy.display()))?;
+
+    // What --verify costs: reading and hashing every memory file of the chain (warm cache).
+    let verify_argv = ["snapshot", "inspect", "--verify", path_str(&full_dir)?];
+    let verify_command = command_line(cowvm, &verify_argv);
+    let mut verify_ms = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let output = Command::new(cowvm).args(verify_argv).output()?;
+        verify_ms.push(ms(started.elapsed()));
+        ensure!(
+            output.status.success(),
+            "{verify_command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 
     // Restores of the full snapshot, alternating the two modes.
     let restore_serial = dir.join("restore-serial.txt");
@@ -495,6 +538,10 @@ fn bench_size(cowvm: &Path, dir: &Path, label: &str, mem: u64, knobs: Knobs) -> 
         copy_ms,
         copy_bytes,
         copy_command,
+        copy_sync_ms,
+        copy_sync_command,
+        verify_ms,
+        verify_command,
         private_vmm_ms,
         private_start_ms,
         eager_vmm_ms,
@@ -546,6 +593,7 @@ fn describe_snapshot(
     }
     Ok(Snap {
         pause_ms,
+        total_ms: 0.0,
         pages_stored,
         pages_allocated: report["pages_allocated_on_disk"].as_u64().unwrap_or(0),
         disk_bytes,
@@ -583,13 +631,19 @@ fn restore_once(cowvm: &Path, argv: &[String]) -> Result<(f64, f64)> {
     bail!("{described} printed no timings line ({status}); stderr:\n{seen}")
 }
 
-/// `(pages stored, pause ms)` from `snapshot DIR: N pages stored, guest paused X.XXX ms`.
-fn parse_create_line(stdout: &str) -> Option<(u64, f64)> {
+/// `(pages stored, pause ms, total ms)` from
+/// `snapshot DIR: N pages stored, guest paused X.XXX ms, on disk after Y.YYY ms`.
+fn parse_create_line(stdout: &str) -> Option<(u64, f64, f64)> {
     let line = stdout.lines().find(|l| l.starts_with("snapshot "))?;
     let (_, rest) = line.rsplit_once(": ")?;
     let (pages, rest) = rest.split_once(" pages stored, guest paused ")?;
-    let pause = rest.strip_suffix(" ms")?;
-    Some((pages.trim().parse().ok()?, pause.trim().parse().ok()?))
+    let (pause, total) = rest.split_once(" ms, on disk after ")?;
+    let total = total.strip_suffix(" ms")?;
+    Some((
+        pages.trim().parse().ok()?,
+        pause.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    ))
 }
 
 /// One request on the control socket, as `cowvm` sends it: a JSON line, a JSON line back.
@@ -699,6 +753,30 @@ fn table_rows(results: &[SizeResult]) -> Vec<Row> {
             ));
         }
         rows.push(Row::noted(
+            format!("{l}: full snapshot, request to published on disk"),
+            "ms",
+            vec![full.total_ms],
+            "checksummed, every file and the directory fsynced, renamed".to_string(),
+            r.full_command.clone(),
+        ));
+        rows.push(Row::noted(
+            format!("{l}: peer: cp --sparse=always + sync of the memory file"),
+            "ms",
+            r.copy_sync_ms.clone(),
+            "warm cache".to_string(),
+            r.copy_sync_command.clone(),
+        ));
+        rows.push(Row::noted(
+            format!("{l}: snapshot inspect --verify (read + XXH3 of the memory file)"),
+            "ms",
+            r.verify_ms.clone(),
+            format!(
+                "{:.0} ms per GiB of RAM, warm cache",
+                median(&r.verify_ms) / (r.mem as f64 / (1u64 << 30) as f64)
+            ),
+            r.verify_command.clone(),
+        ));
+        rows.push(Row::noted(
             format!("{l}: peer: cp --sparse=always of the full memory file"),
             "ms",
             r.copy_ms.clone(),
@@ -765,6 +843,10 @@ fn checks(results: &[SizeResult]) -> Vec<(String, String)> {
         checks.push((
             format!("{l}: cp --sparse=always / full snapshot pause"),
             format!("{:.2}×", copy / full),
+        ));
+        checks.push((
+            format!("{l}: full snapshot total / (cp --sparse=always + sync)"),
+            format!("{:.2}×", r.full.total_ms / median(&r.copy_sync_ms)),
         ));
         let private = median(&r.private_vmm_ms);
         checks.push((
@@ -875,16 +957,5 @@ fn path_str(path: &Path) -> Result<&str> {
 
 /// Bytes, or with a K/M/G suffix (powers of 1024).
 fn parse_size(text: &str) -> Result<u64> {
-    let (digits, shift) = match text.char_indices().last() {
-        Some((at, 'K' | 'k')) => (&text[..at], 10),
-        Some((at, 'M' | 'm')) => (&text[..at], 20),
-        Some((at, 'G' | 'g')) => (&text[..at], 30),
-        _ => (text, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("{text:?} is not a size like 256M or 4G"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .with_context(|| format!("{text} is too large"))
+    qcow::parse_size(text).map_err(|e| anyhow::anyhow!("BENCH_SNAPSHOT_SIZES: {e}"))
 }
