@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::image::Image;
-use crate::l2::{Mapping, COMPRESSED, COPIED, L1_RESERVED_MASK, OFFSET_MASK};
+use crate::l2::{Mapping, ALL_ALLOCATED, COMPRESSED, COPIED, L1_RESERVED_MASK, OFFSET_MASK};
 use crate::raw::Storage;
 use crate::refcount::{max_refcount, set_entry, REFTABLE_OFFSET_MASK};
 
@@ -229,11 +229,23 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
         }
     }
     let entries_per_l2 = cluster_size / 8;
+    // Extended L2 entries are two words: the mapping and the subcluster bitmap.
+    let extended = image.header.extended_l2();
+    let stride = if extended { 2 } else { 1 };
     for (&l2_offset, &(uses, _)) in &l2_uses {
         let table = read_table(image, l2_offset, entries_per_l2)?;
-        for (index, &entry) in table.iter().enumerate() {
-            let at = l2_offset + index as u64 * 8;
-            let mapping = match Mapping::decode(entry, cluster_bits) {
+        for (index, &entry) in table.iter().step_by(stride).enumerate() {
+            let at = l2_offset + (index * stride) as u64 * 8;
+            if extended {
+                let bitmap = table[index * 2 + 1];
+                if let Some(problem) = bitmap_problem(entry, bitmap, cluster_bits) {
+                    walk.corruption(format!(
+                        "ERROR {problem} in L2 table {l2_offset:#x}, entry {index} \
+                         (l2_entry={entry:#x}, bitmap={bitmap:#x})"
+                    ));
+                }
+            }
+            let mapping = match Mapping::decode_cluster(entry, cluster_bits, extended) {
                 Ok(mapping) => mapping,
                 Err(_) => {
                     walk.corruption(format!(
@@ -399,10 +411,10 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
         let table = read_table(image, l2_offset, entries_per_l2)?;
         // Like qemu-img, contiguity is judged within one L2 table.
         let mut next_contiguous = 0u64;
-        for (l2_index, &l2_entry) in table.iter().enumerate() {
+        for (l2_index, &l2_entry) in table.iter().step_by(stride).enumerate() {
             // Allocation statistics, in guest order like qemu-img (compressed clusters count as
             // fragmented by nature).
-            let host = match Mapping::decode(l2_entry, cluster_bits) {
+            let host = match Mapping::decode_cluster(l2_entry, cluster_bits, extended) {
                 Ok(Mapping::Normal { host, .. }) | Ok(Mapping::ZeroAlloc { host }) => {
                     walk.report.allocated_clusters += 1;
                     if next_contiguous != 0 && host != next_contiguous {
@@ -437,7 +449,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
                 };
                 walk.report.fixable_corruptions += 1;
                 walk.fixes.push(Fix::Entry {
-                    at: l2_offset + l2_index as u64 * 8,
+                    at: l2_offset + (l2_index * stride) as u64 * 8,
                     value,
                 });
             }
@@ -485,6 +497,22 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
         }
     }
     Ok(walk.report)
+}
+
+/// What is wrong with an extended L2 entry's subcluster bitmap, if anything (QEMU's checks).
+fn bitmap_problem(entry: u64, bitmap: u64, cluster_bits: u32) -> Option<&'static str> {
+    match Mapping::decode_cluster(entry, cluster_bits, true) {
+        Ok(Mapping::Compressed { .. }) if bitmap != 0 => {
+            Some("compressed cluster with a non-zero subcluster bitmap")
+        }
+        Ok(Mapping::Unallocated) if bitmap & ALL_ALLOCATED != 0 => {
+            Some("unallocated cluster with allocated subclusters")
+        }
+        Ok(Mapping::Normal { .. }) if (bitmap >> 32) & bitmap & ALL_ALLOCATED != 0 => {
+            Some("subclusters both allocated and zero")
+        }
+        _ => None,
+    }
 }
 
 /// References held by the current refcount table and blocks (subtracted before a rebuild).

@@ -8,7 +8,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use crate::error::{Error, Result};
 use crate::header::{
-    Header, COMPAT_LAZY_REFCOUNTS, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
+    Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 use crate::image::{open_backing, resolve_backing_path, Image, OpenOptions};
 use crate::raw::{FileStorage, Storage};
@@ -84,7 +84,9 @@ impl CreateOptions {
             "backing_fmt" => self.backing_format = Some(value.to_string()),
             "size" => self.size = crate::parse_size(value).map_err(|e| bad(&e))?,
             "compression_type" if value == "zlib" => {}
-            "extended_l2" if value == "off" => {}
+            "extended_l2" => {
+                self.extended_l2 = parse_on_off(value).ok_or_else(|| bad("expected on or off"))?
+            }
             _ => {
                 return Err(Error::InvalidOption(format!(
                     "unsupported option '{key}={value}'"
@@ -119,7 +121,24 @@ impl CreateOptions {
                     .into(),
             ));
         }
-        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+        if self.extended_l2 && self.version < 3 {
+            return Err(Error::InvalidOption(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above"
+                    .into(),
+            ));
+        }
+        if self.extended_l2 && self.cluster_size < 16384 {
+            return Err(Error::InvalidOption(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                    .into(),
+            ));
+        }
+        // With extended L2 entries a preallocated cluster's subclusters stay unallocated and
+        // read from the backing file, so the two can go together (as in QEMU).
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
             return Err(Error::InvalidOption(
                 "backing file and preallocation cannot be used at the same time (preallocated \
                  clusters would hide the backing file's data)"
@@ -131,13 +150,26 @@ impl CreateOptions {
                 "lazy refcounts only supported with compatibility level 1.1 and above".into(),
             ));
         }
-        if Header::l1_entries_for(self.size, cluster_bits) * 8 > MAX_L1_BYTES {
+        if Header::l1_entries_with(self.size, cluster_bits, self.l2_bits(cluster_bits)) * 8
+            > MAX_L1_BYTES
+        {
             return Err(Error::InvalidOption(format!(
                 "image size {} is too big for cluster size {}",
                 self.size, self.cluster_size
             )));
         }
         Ok(cluster_bits)
+    }
+}
+
+impl CreateOptions {
+    /// log2 of the entries per L2 table.
+    fn l2_bits(&self, cluster_bits: u32) -> u32 {
+        if self.extended_l2 {
+            cluster_bits - 4
+        } else {
+            cluster_bits - 3
+        }
     }
 }
 
@@ -208,9 +240,12 @@ pub fn create_on<S: Storage + ?Sized>(storage: &mut S, options: &CreateOptions) 
     if options.lazy_refcounts {
         header.compatible_features |= COMPAT_LAZY_REFCOUNTS;
     }
+    if options.extended_l2 {
+        header.incompatible_features |= INCOMPAT_EXTL2;
+    }
     header.backing_file = options.backing_file.clone();
     header.backing_format = options.backing_format.clone();
-    let l1_entries = Header::l1_entries_for(size, cluster_bits);
+    let l1_entries = Header::l1_entries_with(size, cluster_bits, options.l2_bits(cluster_bits));
     let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
     let entries_per_block = (cluster_size * 8) >> refcount_order;
     // Fixed point: header + table + blocks + L1 must all be covered by the blocks.

@@ -24,7 +24,8 @@ pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Incompatible bits this implementation handles.
-pub const INCOMPAT_SUPPORTED: u64 = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
+pub const INCOMPAT_SUPPORTED: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Compatible feature bit 0.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -132,10 +133,34 @@ impl Header {
         1 << self.refcount_order
     }
 
-    /// Number of L1 entries needed to map `size` bytes.
+    /// Number of L1 entries needed to map `size` bytes with standard (8-byte) L2 entries.
     pub fn l1_entries_for(size: u64, cluster_bits: u32) -> u64 {
-        let bytes_per_l2 = 1u64 << (cluster_bits + cluster_bits - 3);
+        Header::l1_entries_with(size, cluster_bits, cluster_bits - 3)
+    }
+
+    /// Number of L1 entries needed to map `size` bytes with `1 << l2_bits` entries per L2 table.
+    pub fn l1_entries_with(size: u64, cluster_bits: u32, l2_bits: u32) -> u64 {
+        let bytes_per_l2 = 1u64 << (cluster_bits + l2_bits);
         size.div_ceil(bytes_per_l2)
+    }
+
+    /// Whether L2 entries are extended (128 bits, 32 subclusters).
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTL2 != 0
+    }
+
+    /// log2 of the entries per L2 table (a cluster of 8- or 16-byte entries).
+    pub fn l2_bits(&self) -> u32 {
+        if self.extended_l2() {
+            self.cluster_bits - 4
+        } else {
+            self.cluster_bits - 3
+        }
+    }
+
+    /// Number of L1 entries this image needs to map `size` bytes.
+    pub fn l1_entries_needed(&self, size: u64) -> u64 {
+        Header::l1_entries_with(size, self.cluster_bits, self.l2_bits())
     }
 
     /// Decodes and validates the header cluster `buf` (at least the first 104 bytes; the whole first
@@ -337,7 +362,10 @@ impl Header {
         if self.l1_size > 0 {
             check_table_offset("L1 table", self.l1_table_offset, l1_bytes, cluster_size)?;
         }
-        let need = Header::l1_entries_for(self.size, self.cluster_bits);
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(HeaderProblem::ExtendedL2ClustersTooSmall(self.cluster_bits).into());
+        }
+        let need = self.l1_entries_needed(self.size);
         if need > MAX_L1_BYTES / 8 {
             return Err(HeaderProblem::SizeTooBig {
                 size: self.size,

@@ -20,6 +20,7 @@ mod meta;
 mod open;
 mod read;
 mod resize;
+mod subcluster;
 mod tree;
 mod write;
 mod zero;

@@ -11,6 +11,10 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO: u64 = 1;
 /// Subcluster bitmap of an extended L2 entry with every subcluster allocated.
 pub const ALL_ALLOCATED: u64 = 0xffff_ffff;
+/// Subcluster bitmap of an extended L2 entry with every subcluster reading as zeros.
+pub const ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
+/// Subclusters per cluster with extended L2 entries.
+pub const SUBCLUSTERS: u32 = 32;
 /// Reserved bits of an L1 entry.
 pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 
@@ -61,6 +65,37 @@ impl Mapping {
         })
     }
 
+    /// Decodes the mapping word of an L2 entry: with extended L2 entries bit 0 is not a zero
+    /// flag, and the subcluster bitmap (see [`Mapping::decode_sub`]) says what reads as what.
+    pub fn decode_cluster(entry: u64, cluster_bits: u32, extended: bool) -> Result<Mapping> {
+        if extended && entry & COMPRESSED == 0 {
+            return Mapping::decode(entry & !ZERO, cluster_bits);
+        }
+        Mapping::decode(entry, cluster_bits)
+    }
+
+    /// The mapping of subcluster `index` (0..32) of an extended L2 entry `(entry, bitmap)`:
+    /// `Normal` for an allocated subcluster (at the cluster's `host`), `ZeroPlain`/`ZeroAlloc`
+    /// for one that reads as zeros, `Unallocated` for one read from the backing file.
+    pub fn decode_sub(entry: u64, bitmap: u64, cluster_bits: u32, index: u32) -> Result<Mapping> {
+        let cluster = Mapping::decode_cluster(entry, cluster_bits, true)?;
+        let invalid = || -> Result<Mapping> {
+            Err(Corruption::InvalidSubclusterBitmap { entry, bitmap }.into())
+        };
+        let (alloc, zero) = (bitmap >> index & 1 != 0, bitmap >> (32 + index) & 1 != 0);
+        match cluster {
+            Mapping::Compressed { .. } if bitmap != 0 => invalid(),
+            Mapping::Compressed { .. } => Ok(cluster),
+            Mapping::Unallocated if bitmap & ALL_ALLOCATED != 0 => invalid(),
+            Mapping::Unallocated if zero => Ok(Mapping::ZeroPlain),
+            Mapping::Unallocated => Ok(Mapping::Unallocated),
+            Mapping::Normal { .. } if (bitmap >> 32) & bitmap & ALL_ALLOCATED != 0 => invalid(),
+            Mapping::Normal { .. } if alloc => Ok(cluster),
+            Mapping::Normal { host, .. } if zero => Ok(Mapping::ZeroAlloc { host }),
+            _ => Ok(Mapping::Unallocated),
+        }
+    }
+
     /// The host range this mapping holds a reference on: (offset, length) in bytes.
     pub fn host_range(self, cluster_size: u64) -> Option<(u64, u64)> {
         match self {
@@ -93,6 +128,43 @@ mod tests {
             Mapping::ZeroAlloc { host: 0x50000 }
         );
         assert!(Mapping::decode(COPIED | 0x50200, 16).is_err());
+    }
+
+    #[test]
+    fn decodes_subclusters() {
+        let host = COPIED | 0x50000;
+        // Subcluster 0 allocated, 1 zero, 2 unallocated.
+        let bitmap = 1 | (1 << 33);
+        assert_eq!(
+            Mapping::decode_sub(host, bitmap, 16, 0).unwrap(),
+            Mapping::Normal {
+                host: 0x50000,
+                copied: true
+            }
+        );
+        assert_eq!(
+            Mapping::decode_sub(host, bitmap, 16, 1).unwrap(),
+            Mapping::ZeroAlloc { host: 0x50000 }
+        );
+        assert_eq!(
+            Mapping::decode_sub(host, bitmap, 16, 2).unwrap(),
+            Mapping::Unallocated
+        );
+        assert_eq!(
+            Mapping::decode_sub(0, ALL_ZEROES, 16, 7).unwrap(),
+            Mapping::ZeroPlain
+        );
+        // Allocated and zero at once, or allocated without a host cluster: corrupt.
+        assert!(Mapping::decode_sub(host, 1 | (1 << 32), 16, 5).is_err());
+        assert!(Mapping::decode_sub(0, 1, 16, 3).is_err());
+        // Bit 0 of the entry is no zero flag with extended L2 entries.
+        assert_eq!(
+            Mapping::decode_cluster(0x50001, 16, true).unwrap(),
+            Mapping::Normal {
+                host: 0x50000,
+                copied: false
+            }
+        );
     }
 
     #[test]

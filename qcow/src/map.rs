@@ -54,7 +54,9 @@ fn status<S: Storage>(
 ) -> Result<MapEntry> {
     let cluster_size = image.cluster_size();
     let in_cluster = offset % cluster_size;
-    let length = (cluster_size - in_cluster).min(max_len);
+    // A subcluster with extended L2 entries.
+    let granule = image.granule();
+    let length = (granule - offset % granule).min(max_len);
     let file = image.path().map(|p| p.to_path_buf());
     let entry = |present, zero, data, compressed, offset: Option<u64>, file| MapEntry {
         start: 0,
@@ -113,9 +115,12 @@ fn status<S: Storage>(
                         }
                     }
                 }
-                // Past the end of the backing file qemu-img reports this layer.
-                (Some(_), _) => entry(false, true, false, false, None, None),
-                (None, _) => entry(false, true, false, false, None, None),
+                // Past the end of the backing file qemu-img reports this layer (with the host
+                // offset of an unallocated subcluster of an allocated cluster).
+                _ => {
+                    let host = image.unallocated_host(offset)?;
+                    entry(false, true, false, false, host, host.and(file))
+                }
             }
         }
     })

@@ -40,13 +40,15 @@ impl<S: Storage> Image<S> {
             .saturating_add(max_len)
             .min(table_end)
             .min(self.size());
+        let granule = self.granule();
         let mut guest = offset;
         let mut kind = None;
         let mut next_host = 0;
         while guest < end {
             let mapping = self.mapping(guest)?;
+            let in_cluster = guest % cluster_size - guest % granule;
             let (this, host, compressed) = match mapping {
-                Mapping::Normal { host, .. } => (Allocation::Data, host, false),
+                Mapping::Normal { host, .. } => (Allocation::Data, host + in_cluster, false),
                 Mapping::Compressed { host, .. } => (Allocation::Data, host, true),
                 Mapping::ZeroPlain | Mapping::ZeroAlloc { .. } => (Allocation::Zero, 0, false),
                 Mapping::Unallocated => (Allocation::Unallocated, 0, false),
@@ -57,12 +59,13 @@ impl<S: Storage> Image<S> {
                 Some(Allocation::Data) if compressed || host != next_host => break,
                 Some(_) => {}
             }
-            next_host = host + cluster_size;
-            guest = (guest / cluster_size + 1) * cluster_size;
+            next_host = host + granule;
             if compressed {
                 // A compressed cluster is a run of its own.
+                guest = (guest / cluster_size + 1) * cluster_size;
                 break;
             }
+            guest = (guest / granule + 1) * granule;
         }
         let len = guest.min(end) - offset;
         Ok((kind.unwrap_or(Allocation::Unallocated), len.max(1)))

@@ -667,8 +667,10 @@ fn create(
         .with_context(|| format!("{name}"))?;
     if !quiet {
         let mut banner = format!(
-            "Formatting '{name}', fmt=qcow2 cluster_size={} extended_l2=off compression_type=zlib size={}",
-            create_options.cluster_size, create_options.size
+            "Formatting '{name}', fmt=qcow2 cluster_size={} extended_l2={} compression_type=zlib size={}",
+            create_options.cluster_size,
+            if create_options.extended_l2 { "on" } else { "off" },
+            create_options.size
         );
         if let Some(b) = &create_options.backing_file {
             banner += &format!(" backing_file={b}");

@@ -73,11 +73,13 @@ impl<S: Storage> Image<S> {
         let extra_sectors = (host + packed.len() as u64 - 1) / 512 - host / 512;
         // Ordering: like any new data, the entry sits in the cached L2 table, written only after
         // the refcount barrier that also makes the compressed bytes durable.
-        self.set_l2_entry(
-            l2_offset,
-            index,
-            COMPRESSED | (extra_sectors << size_shift) | host,
-        )?;
+        let entry = COMPRESSED | (extra_sectors << size_shift) | host;
+        if self.header.extended_l2() {
+            // A compressed cluster has no subclusters: its bitmap is zero.
+            self.set_l2_pair(l2_offset, index, entry, 0)?;
+        } else {
+            self.set_l2_entry(l2_offset, index, entry)?;
+        }
         self.release(old);
         self.bound_pending()
     }

@@ -139,7 +139,7 @@ impl<S: Storage> Image<S> {
             file,
             cluster_bits: header.cluster_bits,
             cluster_size,
-            l2_bits: header.cluster_bits - 3,
+            l2_bits: header.l2_bits(),
             header,
             path,
             read_only,

@@ -60,7 +60,8 @@ impl<S: Storage> Image<S> {
             })
     }
 
-    /// The mapping of the guest cluster containing `guest`.
+    /// The mapping of the guest cluster containing `guest` — with extended L2 entries, of the
+    /// subcluster containing it (see [`Image::granule`]).
     pub fn mapping(&mut self, guest: u64) -> Result<Mapping> {
         let l2_offset = self.l2_offset_of(self.l1_index(guest))?;
         if l2_offset == 0 {
@@ -68,6 +69,10 @@ impl<S: Storage> Image<S> {
         }
         self.load_l2(l2_offset)?;
         let index = self.l2_index(guest);
+        if self.header.extended_l2() {
+            let (entry, bitmap) = self.l2_pair(l2_offset, index);
+            return Mapping::decode_sub(entry, bitmap, self.cluster_bits, self.subcluster(guest));
+        }
         let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
         Mapping::decode(entry, self.cluster_bits)
     }
@@ -81,7 +86,7 @@ impl<S: Storage> Image<S> {
         while done < buf.len() {
             let guest = offset + done as u64;
             let in_cluster = guest & (self.cluster_size - 1);
-            let n = ((self.cluster_size - in_cluster) as usize).min(buf.len() - done);
+            let n = self.to_granule_end(guest).min(buf.len() - done);
             let mapping = self.mapping(guest)?;
             if let Mapping::Normal { host, .. } = mapping {
                 let host = host + in_cluster;

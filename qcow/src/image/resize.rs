@@ -6,7 +6,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::Image;
 use crate::error::{Error, Result};
-use crate::header::{Header, MAX_L1_BYTES};
+use crate::header::MAX_L1_BYTES;
 use crate::l2::OFFSET_MASK;
 use crate::raw::Storage;
 
@@ -32,7 +32,7 @@ impl<S: Storage> Image<S> {
         if new_size % 512 != 0 {
             return Err(Error::Resize(ResizeError::Unaligned));
         }
-        let needed = Header::l1_entries_for(new_size, self.cluster_bits);
+        let needed = self.header.l1_entries_needed(new_size);
         if needed * 8 > MAX_L1_BYTES {
             return Err(Error::Resize(ResizeError::TooLarge));
         }

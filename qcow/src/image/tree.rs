@@ -7,7 +7,7 @@ use super::flush::refcount_barrier;
 use super::Image;
 use crate::error::{Corruption, Error, Result};
 use crate::header::check_table_offset;
-use crate::l2::{Mapping, COPIED, L1_RESERVED_MASK, OFFSET_MASK};
+use crate::l2::{Mapping, COPIED, L1_RESERVED_MASK, OFFSET_MASK, SUBCLUSTERS};
 use crate::raw::Storage;
 
 impl<S: Storage> Image<S> {
@@ -149,17 +149,86 @@ impl<S: Storage> Image<S> {
 
     /// 64-bit words per L2 entry: 2 with extended L2 entries (mapping + subcluster bitmap).
     pub(crate) fn l2_stride(&self) -> usize {
-        1
+        if self.header.extended_l2() {
+            2
+        } else {
+            1
+        }
     }
 
     /// The mapping words of an L2 table (one per guest cluster).
     pub(crate) fn l2_words(&self, table: &[u64]) -> Vec<u64> {
-        table.to_vec()
+        table.iter().step_by(self.l2_stride()).copied().collect()
     }
 
-    /// Decodes one L2 mapping word.
+    /// Decodes one L2 mapping word at cluster level (for extended L2 entries, whether the cluster
+    /// has a host cluster, not what its subclusters read as).
     pub(crate) fn decode(&self, entry: u64) -> Result<Mapping> {
-        Mapping::decode(entry, self.cluster_bits)
+        Mapping::decode_cluster(entry, self.cluster_bits, self.header.extended_l2())
+    }
+
+    /// The unit of allocation state: a subcluster with extended L2 entries, else a cluster.
+    pub fn granule(&self) -> u64 {
+        if self.header.extended_l2() {
+            self.cluster_size / u64::from(SUBCLUSTERS)
+        } else {
+            self.cluster_size
+        }
+    }
+
+    /// Bytes from `guest` to the end of its granule.
+    pub(crate) fn to_granule_end(&self, guest: u64) -> usize {
+        let granule = self.granule();
+        (granule - guest % granule) as usize
+    }
+
+    /// Host offset of `guest` when it lies in an unallocated subcluster of an allocated cluster
+    /// (extended L2 entries; QEMU reports it in `map`).
+    pub fn unallocated_host(&mut self, guest: u64) -> Result<Option<u64>> {
+        if !self.header.extended_l2() {
+            return Ok(None);
+        }
+        let l2_offset = self.l2_offset_of(self.l1_index(guest))?;
+        if l2_offset == 0 {
+            return Ok(None);
+        }
+        self.load_l2(l2_offset)?;
+        let (entry, _) = self.l2_pair(l2_offset, self.l2_index(guest));
+        Ok(match self.decode(entry)? {
+            Mapping::Normal { host, .. } => Some(host + (guest & (self.cluster_size - 1))),
+            _ => None,
+        })
+    }
+
+    /// Index of the subcluster containing `guest` in its cluster.
+    pub(crate) fn subcluster(&self, guest: u64) -> u32 {
+        ((guest & (self.cluster_size - 1)) / self.granule()) as u32
+    }
+
+    /// Mapping word and subcluster bitmap of entry `index` of the cached extended L2 table at
+    /// `l2_offset`.
+    pub(crate) fn l2_pair(&mut self, l2_offset: u64, index: usize) -> (u64, u64) {
+        self.l2_cache
+            .get(l2_offset)
+            .map_or((0, 0), |table| (table[index * 2], table[index * 2 + 1]))
+    }
+
+    /// Sets both words of extended L2 entry `index` of the cached table at `l2_offset`.
+    pub(crate) fn set_l2_pair(
+        &mut self,
+        l2_offset: u64,
+        index: usize,
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
+        match self.l2_cache.get_mut(l2_offset) {
+            Some(table) => {
+                table[index * 2] = entry;
+                table[index * 2 + 1] = bitmap;
+                Ok(())
+            }
+            None => Err(Corruption::L2TableNotCached { offset: l2_offset }.into()),
+        }
     }
 
     /// Sets OFLAG_COPIED in the active L1 and L2 tables exactly where the refcount is 1 (as

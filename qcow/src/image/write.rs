@@ -37,7 +37,7 @@ impl<S: Storage> Image<S> {
         while done < buf.len() {
             let guest = offset + done as u64;
             let in_cluster = guest & (self.cluster_size - 1);
-            let n = ((self.cluster_size - in_cluster) as usize).min(buf.len() - done);
+            let n = self.to_granule_end(guest).min(buf.len() - done);
             if let Mapping::Normal { host, copied: true } = self.mapping(guest)? {
                 self.check_in_place(host)?;
                 let host = host + in_cluster;
@@ -55,7 +55,11 @@ impl<S: Storage> Image<S> {
                 if let Some((start, at, len)) = run.take() {
                     self.write_host(&buf[at..at + len], start)?;
                 }
-                self.write_cluster(guest, Some(&buf[done..done + n]), n)?;
+                if self.header.extended_l2() {
+                    self.write_sub(guest, Some(&buf[done..done + n]), n)?;
+                } else {
+                    self.write_cluster(guest, Some(&buf[done..done + n]), n)?;
+                }
             }
             done += n;
         }
@@ -108,7 +112,7 @@ impl<S: Storage> Image<S> {
             return Ok((old_offset, index));
         }
         let table = if old_offset == 0 {
-            vec![0u64; 1 << self.l2_bits]
+            vec![0u64; (self.cluster_size / 8) as usize]
         } else {
             // Shared with a snapshot: copy it (its clusters stay shared, so entries keep COPIED clear).
             self.load_l2(old_offset)?;
@@ -141,9 +145,10 @@ impl<S: Storage> Image<S> {
     }
 
     pub(crate) fn set_l2_entry(&mut self, l2_offset: u64, index: usize, value: u64) -> Result<()> {
+        let stride = self.l2_stride();
         match self.l2_cache.get_mut(l2_offset) {
             Some(table) => {
-                table[index] = value;
+                table[index * stride] = value;
                 Ok(())
             }
             None => Err(Corruption::L2TableNotCached { offset: l2_offset }.into()),
@@ -160,7 +165,7 @@ impl<S: Storage> Image<S> {
         let in_cluster = guest & (self.cluster_size - 1);
         let cluster_start = guest - in_cluster;
         let (l2_offset, index) = self.l2_for_write(guest)?;
-        let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
+        let entry = self.l2_entry(l2_offset, index);
         let mapping = Mapping::decode(entry, self.cluster_bits)?;
         if let Mapping::Normal { host, copied: true } = mapping {
             self.check_in_place(host)?;

@@ -18,6 +18,10 @@ impl<S: Storage> Image<S> {
     pub fn write_zeroes_with(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len as usize)?;
+        if self.header.extended_l2() {
+            self.write_zeroes_ext(offset, len, may_unmap)?;
+            return self.bound_pending();
+        }
         let mut guest = offset;
         let end = offset + len;
         while guest < end {
@@ -72,12 +76,23 @@ impl<S: Storage> Image<S> {
             return Ok(());
         }
         let (l2_offset, index) = self.l2_for_write(guest)?;
-        let old_entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
-        if old_entry == new_entry {
-            return Ok(());
-        }
-        let mapping = Mapping::decode(old_entry, self.cluster_bits)?;
-        self.set_l2_entry(l2_offset, index, new_entry)?;
+        let mapping = if self.header.extended_l2() {
+            let old = self.l2_pair(l2_offset, index);
+            if old == (new_entry, 0) {
+                return Ok(());
+            }
+            let mapping = self.decode(old.0)?;
+            self.set_l2_pair(l2_offset, index, new_entry, 0)?;
+            mapping
+        } else {
+            let old_entry = self.l2_entry(l2_offset, index);
+            if old_entry == new_entry {
+                return Ok(());
+            }
+            let mapping = Mapping::decode(old_entry, self.cluster_bits)?;
+            self.set_l2_entry(l2_offset, index, new_entry)?;
+            mapping
+        };
         self.release(mapping);
         Ok(())
     }
@@ -93,6 +108,11 @@ impl<S: Storage> Image<S> {
             let cluster_end = (guest + self.cluster_size).min(self.header.size);
             if cluster_end > end {
                 break;
+            }
+            if self.header.extended_l2() {
+                self.discard_cluster_ext(guest)?;
+                guest += self.cluster_size;
+                continue;
             }
             let mapping = self.mapping(guest)?;
             let new_entry = match mapping {
@@ -141,7 +161,7 @@ impl<S: Storage> Image<S> {
         let mut guest = 0;
         while guest < self.header.size {
             let (l2_offset, index) = self.l2_for_write(guest)?;
-            let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
+            let entry = self.l2_entry(l2_offset, index);
             if entry == 0 {
                 let host = self.alloc_cluster()?;
                 self.set_l2_entry(l2_offset, index, host | COPIED)?;

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{encode_table, Snapshot, MAX_TABLE_BYTES};
 use crate::error::{Error, Result};
-use crate::header::{Header, MAX_SNAPSHOTS};
+use crate::header::MAX_SNAPSHOTS;
 use crate::image::Image;
 use crate::l2::{Mapping, COPIED, OFFSET_MASK};
 use crate::raw::Storage;
@@ -54,7 +54,7 @@ impl<S: Storage> Image<S> {
 
     /// Guest offset where a snapshot's VM state starts: the first L1 entry past the disk.
     fn vm_state_offset(&self, disk_size: u64) -> (usize, u64) {
-        let index = Header::l1_entries_for(disk_size, self.cluster_bits) as usize;
+        let index = self.header.l1_entries_needed(disk_size) as usize;
         let per_l1_entry = self.cluster_size << self.l2_bits;
         (index, index as u64 * per_l1_entry)
     }

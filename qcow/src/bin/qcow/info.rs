@@ -195,7 +195,7 @@ fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
                 refcount_bits: header.refcount_bits(),
                 corrupt: v3
                     .then_some(header.incompatible_features & lib::header::INCOMPAT_CORRUPT != 0),
-                extended_l2: v3.then_some(false),
+                extended_l2: v3.then_some(header.extended_l2()),
             },
         }),
         full_backing_filename: full_backing,
