@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(
             config(1, "color=red").validate(&LIMITS),
             Err(ConfigError::BadGuestArgs(
-                "unknown guest argument `color` (known: pages, rounds, seed, write)".into()
+                "unknown guest argument `color` (known: pages, rounds, seed, write, gen_rounds, wait)".into()
             ))
         );
         assert!(matches!(

@@ -1,5 +1,5 @@
-//! The guest's argument string: `pages=N rounds=R seed=S write=P`, parsed the same way by the VMM
-//! (to reject bad arguments before boot) and by the guest.
+//! The guest's argument string: `pages=N rounds=R seed=S write=P gen_rounds=E wait=0|1`, parsed
+//! the same way by the VMM (to reject bad arguments before boot) and by the guest.
 
 /// Workload parameters. `Default` finishes in well under a second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +12,11 @@ pub struct WorkloadArgs {
     pub seed: u64,
     /// Percentage (0–100) of pages written per round.
     pub write_percent: u64,
+    /// Rounds after `rounds` whose writes mix in the VM's generation id, read when the vCPU
+    /// reaches them: clones and forked children of one VM write different data from there on.
+    pub gen_rounds: u64,
+    /// Wait for a nonzero generation id before any work (a warm template to clone).
+    pub wait: bool,
 }
 
 impl Default for WorkloadArgs {
@@ -21,6 +26,8 @@ impl Default for WorkloadArgs {
             rounds: 8,
             seed: 1,
             write_percent: 50,
+            gen_rounds: 0,
+            wait: false,
         }
     }
 }
@@ -44,7 +51,7 @@ impl core::fmt::Display for ArgError<'_> {
             }
             Self::UnknownKey(key) => write!(
                 f,
-                "unknown guest argument `{key}` (known: pages, rounds, seed, write)"
+                "unknown guest argument `{key}` (known: pages, rounds, seed, write, gen_rounds, wait)"
             ),
             Self::BadValue { key, value } => match *key {
                 "write" => write!(
@@ -52,6 +59,7 @@ impl core::fmt::Display for ArgError<'_> {
                     "guest argument write={value}: expected a percentage 0-100"
                 ),
                 "pages" => write!(f, "guest argument pages={value}: expected a number >= 1"),
+                "wait" => write!(f, "guest argument wait={value}: expected 0 or 1"),
                 _ => write!(f, "guest argument {key}={value}: expected a decimal number"),
             },
         }
@@ -66,7 +74,9 @@ impl WorkloadArgs {
             let (key, value) = word.split_once('=').ok_or(ArgError::NotKeyValue(word))?;
             let bad = ArgError::BadValue { key, value };
             let number: u64 = match key {
-                "pages" | "rounds" | "seed" | "write" => value.parse().map_err(|_| bad)?,
+                "pages" | "rounds" | "seed" | "write" | "gen_rounds" | "wait" => {
+                    value.parse().map_err(|_| bad)?
+                }
                 _ => return Err(ArgError::UnknownKey(key)),
             };
             match key {
@@ -74,6 +84,9 @@ impl WorkloadArgs {
                 "pages" => args.pages = number,
                 "rounds" => args.rounds = number,
                 "seed" => args.seed = number,
+                "gen_rounds" => args.gen_rounds = number,
+                "wait" if number > 1 => return Err(bad),
+                "wait" => args.wait = number == 1,
                 _ if number > 100 => return Err(bad),
                 _ => args.write_percent = number,
             }
@@ -96,9 +109,12 @@ mod tests {
                 pages: 7,
                 rounds: 0,
                 seed: 99,
-                write_percent: 100
+                write_percent: 100,
+                ..WorkloadArgs::default()
             }
         );
+        let template = WorkloadArgs::parse("gen_rounds=3 wait=1").unwrap();
+        assert_eq!((template.gen_rounds, template.wait), (3, true));
     }
 
     #[test]
@@ -123,6 +139,13 @@ mod tests {
             Err(ArgError::BadValue {
                 key: "pages",
                 value: "0"
+            })
+        );
+        assert_eq!(
+            WorkloadArgs::parse("wait=2"),
+            Err(ArgError::BadValue {
+                key: "wait",
+                value: "2"
             })
         );
         assert_eq!(

@@ -17,11 +17,14 @@
 /// `COWVMBI1` as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"COWVMBI1");
 /// Bumped whenever this layout or the workload algorithm changes.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// Longest argument string the page holds.
 pub const MAX_ARGS_LEN: usize = 256;
 /// Bytes of the page the VMM writes.
 pub const ENCODED_LEN: usize = 40 + MAX_ARGS_LEN;
+/// Offset of the generation id, which the VMM rewrites when it starts a clone or a forked child
+/// (the guest reads it again when it reaches its generation rounds, or while it waits).
+pub const GENERATION_OFFSET: u64 = 24;
 /// Offset of the guest's completion counter.
 pub const SYNC_DONE_OFFSET: u64 = 0x800;
 /// Offset of the guest's per-vCPU digest array.

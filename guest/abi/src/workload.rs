@@ -5,6 +5,11 @@
 //! the page's previous contents. So the final memory (and the digest) depends only on the
 //! arguments, not on how pages are split across vCPUs or when the VM was paused, snapshotted
 //! or restored — while a lost or stale page anywhere changes the digest.
+//!
+//! The `gen_rounds` rounds after the first `rounds` use a seed mixed with the VM's generation id
+//! (read when a vCPU reaches them): clones and forked children, each with its own id, then write
+//! different data into what was one memory, and each digest tells whether a VM saw only its own
+//! writes.
 
 use crate::args::WorkloadArgs;
 
@@ -23,9 +28,34 @@ pub const fn page_key(seed: u64, page: u64, round: u64) -> u64 {
     mix64(seed ^ mix64(page.wrapping_add(0x9e37_79b9_7f4a_7c15) ^ mix64(round)))
 }
 
-/// Whether page `page` is written in round `round`.
+/// Every round a complete run performs.
+pub const fn total_rounds(args: &WorkloadArgs) -> u64 {
+    args.rounds + args.gen_rounds
+}
+
+/// The seed of round `round` in a VM of generation `generation`: the plain seed for the first
+/// `rounds`, then mixed with the generation id.
+pub const fn round_seed(args: &WorkloadArgs, round: u64, generation: u64) -> u64 {
+    if round < args.rounds {
+        args.seed
+    } else {
+        args.seed ^ mix64(generation ^ 0x6765_6e65_7261_7469)
+    }
+}
+
+/// The key page `page` is written with in round `round` of generation `generation`.
+pub const fn round_key(args: &WorkloadArgs, page: u64, round: u64, generation: u64) -> u64 {
+    page_key(round_seed(args, round, generation), page, round)
+}
+
+/// Whether page `page` is written in round `round` of generation `generation`.
+pub const fn is_written_gen(args: &WorkloadArgs, page: u64, round: u64, generation: u64) -> bool {
+    round_key(args, page, round, generation) % 100 < args.write_percent
+}
+
+/// Whether page `page` is written in round `round` (generation 0).
 pub const fn is_written(args: &WorkloadArgs, page: u64, round: u64) -> bool {
-    page_key(args.seed, page, round) % 100 < args.write_percent
+    is_written_gen(args, page, round, 0)
 }
 
 /// Applies one write with `key` to a page.
@@ -64,21 +94,35 @@ pub const fn step_target(slice: (u64, u64), step: u64) -> (u64, u64) {
     (step / len, slice.0 + step % len)
 }
 
-/// The page that step `step` writes, if it writes one.
-pub fn page_written_at_step(args: &WorkloadArgs, slice: (u64, u64), step: u64) -> Option<u64> {
+/// The page that step `step` writes in a VM of generation `generation`, if it writes one.
+pub fn page_written_at_step(
+    args: &WorkloadArgs,
+    slice: (u64, u64),
+    step: u64,
+    generation: u64,
+) -> Option<u64> {
     let (round, page) = step_target(slice, step);
-    (slice.1 > slice.0 && round < args.rounds && is_written(args, page, round)).then_some(page)
+    let writes = slice.1 > slice.0
+        && round < total_rounds(args)
+        && is_written_gen(args, page, round, generation);
+    writes.then_some(page)
 }
 
-/// The host-side oracle: the digest a complete, uninterrupted run prints.
+/// The host-side oracle: the digest a complete, uninterrupted run of generation 0 prints.
 pub fn expected_digest(args: &WorkloadArgs) -> u64 {
+    expected_digest_for(args, 0)
+}
+
+/// The oracle for a VM whose generation rounds ran with id `generation` (a clone or a forked
+/// child that took its id before reaching them).
+pub fn expected_digest_for(args: &WorkloadArgs, generation: u64) -> u64 {
     let mut words = [0u64; WORDS_PER_PAGE];
     let mut digest = 0u64;
     for page in 0..args.pages {
         words.fill(0);
-        for round in 0..args.rounds {
-            if is_written(args, page, round) {
-                write_page(&mut words, page_key(args.seed, page, round));
+        for round in 0..total_rounds(args) {
+            if is_written_gen(args, page, round, generation) {
+                write_page(&mut words, round_key(args, page, round, generation));
             }
         }
         digest = digest.wrapping_add(page_contribution(page, page_digest(&words)));
@@ -115,6 +159,7 @@ mod tests {
             rounds: 3,
             seed: 5,
             write_percent: 50,
+            ..WorkloadArgs::default()
         };
         let d = expected_digest(&base);
         assert_ne!(d, expected_digest(&WorkloadArgs { pages: 17, ..base }));
@@ -131,12 +176,39 @@ mod tests {
     }
 
     #[test]
+    fn generation_rounds_differ_by_generation_only() {
+        let base = WorkloadArgs {
+            pages: 16,
+            rounds: 3,
+            seed: 5,
+            write_percent: 60,
+            gen_rounds: 2,
+            wait: false,
+        };
+        let (zero, one, two) = (
+            expected_digest_for(&base, 0),
+            expected_digest_for(&base, 1),
+            expected_digest_for(&base, 2),
+        );
+        assert_eq!(zero, expected_digest(&base));
+        assert!(zero != one && one != two && zero != two);
+        // Without generation rounds the generation does not matter.
+        let plain = WorkloadArgs {
+            gen_rounds: 0,
+            ..base
+        };
+        assert_eq!(expected_digest_for(&plain, 7), expected_digest(&plain));
+        assert_eq!(round_seed(&base, 2, 9), 5, "base rounds use the plain seed");
+    }
+
+    #[test]
     fn write_percentage_is_respected() {
         let args = WorkloadArgs {
             pages: 10_000,
             rounds: 1,
             seed: 1,
             write_percent: 10,
+            ..WorkloadArgs::default()
         };
         let writes = expected_page_writes(&args, 0..1);
         assert!((900..1100).contains(&writes), "{writes}");
@@ -176,6 +248,7 @@ mod tests {
             rounds: 2,
             seed: 1,
             write_percent: 100,
+            ..WorkloadArgs::default()
         };
         assert_eq!(page_written_at_step(&args, (0, 3), 4), Some(1));
         assert_eq!(
@@ -193,6 +266,7 @@ mod tests {
             rounds: 2,
             seed: 1,
             write_percent: 100,
+            ..WorkloadArgs::default()
         };
         let mut total = 0u64;
         for page in 0..4 {

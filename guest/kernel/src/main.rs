@@ -25,8 +25,9 @@ use io::{exit, Serial};
 #[link_section = ".text.entry"]
 pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
     let out = Serial;
-    // SAFETY: the VMM wrote the boot-info page at this address and nothing writes its first
-    // ENCODED_LEN bytes after boot.
+    // SAFETY: the VMM wrote the boot-info page at this address. Of its first ENCODED_LEN bytes
+    // it later rewrites only the generation id (while the vCPUs are paused), which the guest
+    // reads through `generation`, never through this reference.
     let page = unsafe { &*(boot_info_addr as *const [u8; boot_info::ENCODED_LEN]) };
     let info = match BootInfo::decode(page) {
         Ok(info) => info,
@@ -43,26 +44,41 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
         out.str(" write=").dec(args.write_percent).str("% generation=");
         out.dec(info.clone_generation).str("\n");
     }
+    if args.wait {
+        // A warm template: every vCPU waits here until the VMM starts a clone with its id.
+        while generation(boot_info_addr) == 0 {
+            core::hint::spin_loop();
+        }
+        if cpu == 0 {
+            out.str("generation ").dec(generation(boot_info_addr)).str("\n");
+        }
+    }
     let (start, end) = workload::vcpu_slice(args.pages, cpu, count);
     // SAFETY: each vCPU's counter is an aligned u64 in the progress page, written only by it.
     let progress = unsafe { &*(progress_addr(cpu as u32) as *const AtomicU64) };
     let mut steps = 0u64;
     let mut last_tenth = 0;
-    for round in 0..args.rounds {
+    let rounds = workload::total_rounds(&args);
+    let mut gen = 0;
+    for round in 0..rounds {
+        if round == args.rounds {
+            // From here on this VM's writes are its own: a clone or forked child has its id now.
+            gen = generation(boot_info_addr);
+        }
         for page in start..end {
-            if workload::is_written(&args, page, round) {
+            if workload::is_written_gen(&args, page, round, gen) {
                 // SAFETY: workload pages lie in RAM (the VMM checked pages fit) and each page
                 // belongs to exactly one vCPU's slice, so this is the only reference to it.
                 let words = unsafe { page_words(page) };
-                workload::write_page(words, workload::page_key(args.seed, page, round));
+                workload::write_page(words, workload::round_key(&args, page, round, gen));
             }
             steps += 1;
             progress.store(steps, Ordering::Relaxed);
         }
-        let tenth = (round + 1) * 10 / args.rounds;
+        let tenth = (round + 1) * 10 / rounds;
         if cpu == 0 && tenth != last_tenth {
             last_tenth = tenth;
-            out.str("round ").dec(round + 1).str("/").dec(args.rounds).str("\n");
+            out.str("round ").dec(round + 1).str("/").dec(rounds).str("\n");
         }
     }
     let mut digest = 0u64;
@@ -95,6 +111,12 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
     });
     out.str("DONE ").hex16(total).str("\n");
     exit(0)
+}
+
+/// The generation id as the VMM last wrote it (it changes under the guest: read it volatile).
+fn generation(boot_info_addr: u64) -> u64 {
+    // SAFETY: the boot-info page is mapped and the field is an aligned u64.
+    unsafe { ((boot_info_addr + boot_info::GENERATION_OFFSET) as *const u64).read_volatile() }
 }
 
 /// # Safety
