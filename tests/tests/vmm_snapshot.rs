@@ -278,7 +278,7 @@ fn diff_matches_the_oracle(write: u32) -> (usize, usize) {
     let first = layout::WORKLOAD_ADDR / layout::PAGE_SIZE;
     let written = |steps: std::ops::Range<u64>| -> BTreeSet<u64> {
         steps
-            .filter_map(|step| page_written_at_step(&workload, slice, step))
+            .filter_map(|step| page_written_at_step(&workload, slice, step, 0))
             .map(|page| first + page)
             .collect()
     };
