@@ -250,9 +250,9 @@ mod tests {
             write_percent: 100,
             ..WorkloadArgs::default()
         };
-        assert_eq!(page_written_at_step(&args, (0, 3), 4), Some(1));
+        assert_eq!(page_written_at_step(&args, (0, 3), 4, 0), Some(1));
         assert_eq!(
-            page_written_at_step(&args, (0, 3), 6),
+            page_written_at_step(&args, (0, 3), 6, 0),
             None,
             "past the last round"
         );
