@@ -1,6 +1,7 @@
-//! Model-based random test: thousands of random writes, zero-writes, discards, reads, flushes and
-//! reopens against an in-memory `Vec<u8>` model, over several cluster sizes, refcount widths,
-//! versions and backing files. Every read must equal the model; at the end the library's own check
+//! Model-based random test: thousands of random writes, zero-writes, discards, reads, flushes,
+//! reopens and internal snapshot creates/applies/deletes against an in-memory `Vec<u8>` model (one
+//! per snapshot too), over several cluster sizes, refcount widths, versions, backing files and
+//! extended L2 entries (subcluster writes). Every read must equal the model; at the end the library's own check
 //! must be clean, and (when qemu-img is installed) `qemu-img check` must be clean and
 //! `qemu-img compare` must find the image identical to a raw dump of the model.
 //!
@@ -35,6 +36,10 @@ struct Config {
     ops: usize,
     /// Minimal L2 and refcount caches, so that evictions happen all the time.
     tiny_cache: bool,
+    /// Mix internal snapshot creates, applies and deletes into the operations.
+    snapshots: bool,
+    /// Extended L2 entries (32 subclusters per cluster).
+    extended_l2: bool,
 }
 
 fn have_qemu_img() -> bool {
@@ -88,6 +93,7 @@ fn prepare(
         cluster_size: config.cluster_size,
         refcount_bits: config.refcount_bits,
         version: config.version,
+        extended_l2: config.extended_l2,
         ..CreateOptions::default()
     };
     match config.base {
@@ -200,6 +206,8 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
     let cluster = config.cluster_size;
     // Concentrate on a hot region so operations overlap, with occasional far-away ones.
     let hot = (size / 4).max(cluster * 4).min(size);
+    // Models of the snapshots taken during the run: (id, bytes).
+    let mut snapshots: Vec<(String, Vec<u8>)> = Vec::new();
     for step in 0..config.ops {
         let max_len = (cluster * 3).min(size);
         let len = match rng.u8(0..4) {
@@ -214,7 +222,25 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
         }
         let context =
             |op: &str| format!("{name} seed {seed} step {step}: {op} offset {offset} len {len}");
-        match rng.u8(0..20) {
+        let trace = std::env::var_os("QCOW_MODEL_TRACE").is_some();
+        if config.snapshots && rng.u8(0..40) == 0 {
+            if trace {
+                eprintln!("step {step}: snapshot op (snapshots: {})", snapshots.len());
+            }
+            snapshot_op(
+                &mut image,
+                &mut model,
+                &mut snapshots,
+                &mut rng,
+                &context("snapshot"),
+            );
+            continue;
+        }
+        let kind = rng.u8(0..20);
+        if trace && !(12..=17).contains(&kind) {
+            eprintln!("step {step}: op {kind} offset {offset} len {len}");
+        }
+        match kind {
             0..=7 => {
                 let data = random_bytes(&mut rng, len as usize);
                 image
@@ -360,6 +386,26 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
             "{name} seed {seed}: qemu-img compare: {text}"
         );
     }
+    if qemu {
+        // Every snapshot taken during the run still holds its bytes, as qemu-img reads them.
+        for (id, bytes) in &snapshots {
+            let raw = dir.join("taken.raw");
+            let (ok, text) = qemu_img(&[
+                "convert",
+                "-l",
+                &format!("snapshot.id={id}"),
+                "-O",
+                "raw",
+                path.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ]);
+            assert!(ok, "{name} seed {seed}: qemu-img convert -l {id}: {text}");
+            assert!(
+                std::fs::read(&raw).unwrap() == *bytes,
+                "{name} seed {seed}: snapshot {id} does not hold the bytes it was taken with"
+            );
+        }
+    }
     if qemu && config.base == BaseKind::Snapshot {
         // The snapshot still holds the data from before the random operations.
         let raw = dir.join("snapshot.raw");
@@ -380,6 +426,53 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Creates, applies or deletes a snapshot (at most four at a time), keeping the models in step.
+fn snapshot_op(
+    image: &mut Image,
+    model: &mut Vec<u8>,
+    snapshots: &mut Vec<(String, Vec<u8>)>,
+    rng: &mut fastrand::Rng,
+    context: &str,
+) {
+    let choice = if snapshots.is_empty() {
+        0
+    } else {
+        rng.u8(0..3)
+    };
+    if std::env::var_os("QCOW_MODEL_TRACE").is_some() {
+        eprintln!("  snapshot choice {choice}");
+    }
+    match choice {
+        0 if snapshots.len() < 4 => {
+            let new = qcow::NewSnapshot {
+                name: format!("s{}", snapshots.len()),
+                ..qcow::NewSnapshot::default()
+            };
+            let snapshot = image
+                .create_snapshot(&new)
+                .unwrap_or_else(|e| panic!("{context}: create: {e}"));
+            snapshots.push((snapshot.id, model.clone()));
+        }
+        1 => {
+            let pick = rng.usize(0..snapshots.len());
+            let index = image.find_snapshot(&snapshots[pick].0).unwrap();
+            image
+                .apply_snapshot(index)
+                .unwrap_or_else(|e| panic!("{context}: apply: {e}"));
+            *model = snapshots[pick].1.clone();
+        }
+        _ if !snapshots.is_empty() => {
+            let pick = rng.usize(0..snapshots.len());
+            let index = image.find_snapshot(&snapshots[pick].0).unwrap();
+            image
+                .delete_snapshot(index)
+                .unwrap_or_else(|e| panic!("{context}: delete: {e}"));
+            snapshots.remove(pick);
+        }
+        _ => {}
+    }
 }
 
 fn seed() -> u64 {
@@ -419,6 +512,8 @@ fn v3_64k_clusters_16bit_no_backing() {
             base_size: 0,
             ops: 2500,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -436,6 +531,8 @@ fn v3_512b_clusters_64bit_refcounts_grow_the_refcount_table() {
             base_size: 0,
             ops: 2500,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -453,6 +550,8 @@ fn v3_4k_clusters_4bit_qcow_backing() {
             base_size: 3 * MIB,
             ops: 2500,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -470,6 +569,8 @@ fn v3_2m_clusters_8bit_raw_backing() {
             base_size: 7 * MIB,
             ops: 400,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -487,6 +588,8 @@ fn v2_8k_clusters_qcow_backing() {
             base_size: 2 * MIB,
             ops: 2500,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -504,6 +607,8 @@ fn v3_16k_clusters_1bit_refcounts() {
             base_size: 0,
             ops: 2500,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -521,6 +626,8 @@ fn compressed_image_made_by_qemu_img() {
             base_size: 0,
             ops: 1500,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -538,6 +645,8 @@ fn image_with_internal_snapshot_made_by_qemu_img() {
             base_size: 0,
             ops: 1500,
             tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
         },
     );
 }
@@ -555,6 +664,84 @@ fn v3_1k_clusters_tiny_caches_qcow_backing() {
             base_size: 2 * MIB - 4096,
             ops: 2500,
             tiny_cache: true,
+            snapshots: false,
+            extended_l2: false,
+        },
+    );
+}
+
+#[test]
+fn v3_64k_clusters_with_snapshot_create_apply_delete() {
+    run(
+        "v3-64k-snapshots",
+        Config {
+            cluster_size: 65536,
+            refcount_bits: 16,
+            version: 3,
+            size: 8 * MIB,
+            base: BaseKind::None,
+            base_size: 0,
+            ops: 2500,
+            tiny_cache: false,
+            snapshots: true,
+            extended_l2: false,
+        },
+    );
+}
+
+#[test]
+fn v2_4k_clusters_tiny_caches_with_snapshots_over_a_backing_file() {
+    run(
+        "v2-4k-tiny-snapshots-qcow",
+        Config {
+            cluster_size: 4096,
+            refcount_bits: 16,
+            version: 2,
+            size: 2 * MIB,
+            base: BaseKind::Qcow,
+            base_size: 2 * MIB,
+            ops: 2000,
+            tiny_cache: true,
+            snapshots: true,
+            extended_l2: false,
+        },
+    );
+}
+
+#[test]
+fn extended_l2_64k_subcluster_writes_over_a_qcow_backing_file() {
+    run(
+        "extl2-64k-qcow",
+        Config {
+            cluster_size: 65536,
+            refcount_bits: 16,
+            version: 3,
+            size: 6 * MIB,
+            base: BaseKind::Qcow,
+            base_size: 5 * MIB,
+            ops: 2500,
+            tiny_cache: false,
+            snapshots: false,
+            extended_l2: true,
+        },
+    );
+}
+
+#[test]
+fn extended_l2_16k_tiny_caches_with_snapshots() {
+    run(
+        "extl2-16k-tiny-snapshots",
+        Config {
+            cluster_size: 16384,
+            refcount_bits: 8,
+            version: 3,
+            size: 3 * MIB,
+            base: BaseKind::Raw,
+            base_size: 2 * MIB,
+            ops: 2500,
+            tiny_cache: true,
+            snapshots: true,
+            extended_l2: true,
         },
     );
 }

@@ -5,6 +5,7 @@ use byteorder::{BigEndian, ByteOrder};
 
 use super::Image;
 use crate::error::{Error, Result};
+use crate::header::INCOMPAT_DIRTY;
 use crate::raw::Storage;
 use crate::refcount::Refcounts;
 
@@ -27,6 +28,31 @@ impl<S: Storage> Image<S> {
         self.file.flush().map_err(Error::Flush)?;
         self.file.write_at(&field, 72).map_err(Error::WriteHeader)?;
         self.file.flush().map_err(Error::Flush)
+    }
+
+    /// Before a multi-step metadata change whose intermediate states are not all consistent
+    /// (snapshot create/apply/delete raise refcounts and clear OFLAG_COPIED in separate tables):
+    /// sets the dirty bit, so that a crash in the middle leaves an image every reader repairs on
+    /// its next read-write open (QEMU's lazy-refcounts mechanism). v2 has no dirty bit.
+    pub(crate) fn begin_unsafe_update(&mut self) -> Result<bool> {
+        self.flush()?;
+        let bits = self.header.incompatible_features;
+        if self.header.version < 3 || bits & INCOMPAT_DIRTY != 0 {
+            return Ok(false);
+        }
+        self.set_incompatible(bits | INCOMPAT_DIRTY)?;
+        Ok(true)
+    }
+
+    /// Ends what [`Image::begin_unsafe_update`] began: everything is flushed, then the dirty bit
+    /// is cleared.
+    pub(crate) fn end_unsafe_update(&mut self, began: bool) -> Result<()> {
+        self.flush()?;
+        if began {
+            let bits = self.header.incompatible_features;
+            self.set_incompatible(bits & !INCOMPAT_DIRTY)?;
+        }
+        Ok(())
     }
 
     /// Writes all cached metadata in the safe order and makes everything durable.

@@ -69,7 +69,7 @@ impl<S: Storage> Image<S> {
         if new.name.len() > usize::from(u16::MAX) {
             return Err(Error::Snapshot(SnapshotError::NameTooLong));
         }
-        self.flush()?;
+        let dirty = self.begin_unsafe_update()?;
         let disk_size = self.header.size;
         let (vm_index, _) = self.vm_state_offset(disk_size);
         let mut l1 = self.l1.clone();
@@ -124,7 +124,7 @@ impl<S: Storage> Image<S> {
         let mut table = self.snapshots.clone();
         table.push(snapshot.clone());
         self.write_snapshot_table(table)?;
-        self.flush()?;
+        self.end_unsafe_update(dirty)?;
         self.drop_caches();
         Ok(snapshot)
     }
@@ -204,7 +204,7 @@ impl<S: Storage> Image<S> {
     pub fn apply_snapshot(&mut self, index: usize) -> Result<()> {
         self.check_writable()?;
         let snapshot = self.snapshot_at(index)?.clone();
-        self.flush()?;
+        let dirty = self.begin_unsafe_update()?;
         let disk_size = snapshot.disk_size.unwrap_or(self.header.size);
         let (vm_index, _) = self.vm_state_offset(disk_size);
         let snapshot_l1 = self.read_l1_table(snapshot.l1_table_offset, snapshot.l1_size)?;
@@ -220,7 +220,7 @@ impl<S: Storage> Image<S> {
         self.drop_caches();
         self.adjust_tree(&old_l1, -1)?;
         self.update_copied_flags()?;
-        self.flush()?;
+        self.end_unsafe_update(dirty)?;
         self.drop_caches();
         Ok(())
     }
@@ -229,8 +229,8 @@ impl<S: Storage> Image<S> {
     pub fn delete_snapshot(&mut self, index: usize) -> Result<()> {
         self.check_writable()?;
         let snapshot = self.snapshot_at(index)?.clone();
-        self.flush()?;
         let l1 = self.read_l1_table(snapshot.l1_table_offset, snapshot.l1_size)?;
+        let dirty = self.begin_unsafe_update()?;
         let mut table = self.snapshots.clone();
         table.remove(index);
         // Ordering: the table without the snapshot is durable before its clusters lose their
@@ -247,7 +247,7 @@ impl<S: Storage> Image<S> {
         }
         // Clusters now used by the active disk alone may be written in place again.
         self.update_copied_flags()?;
-        self.flush()?;
+        self.end_unsafe_update(dirty)?;
         self.drop_caches();
         Ok(())
     }
