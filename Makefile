@@ -23,6 +23,7 @@ bench:
 	$(CARGO) run --release -p cowvm-tests --bin bench_vmm
 	$(CARGO) run --release -p cowvm-tests --bin bench_snapshot
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow
+	$(CARGO) run --release -p cowvm-tests --bin bench_qcow_ops
 
 fuzz:
 	bash qcow/fuzz/run.sh

@@ -105,48 +105,82 @@ pub fn convert(
     // With -B the target's backing file shows what the source's backing chain holds, so only the
     // source's top layer is looked at.
     let layers = if with_backing { 1 } else { usize::MAX };
-    let mut copier = Copier {
-        source,
-        target: &mut out,
+    let settings = Settings {
         unit,
         with_backing,
         write_zeros: options.min_sparse == 0,
         compressor,
-        buf: vec![0u8; CHUNK as usize],
     };
     monitor.start(size);
-    let mut offset = 0;
-    while offset < size {
-        checkpoint(monitor)?;
-        let len = CHUNK.min(size - offset);
-        copier.copy_chunk(offset, len, layers)?;
-        offset += len;
-        monitor.advance(offset);
-    }
-    out.close()
+    // Pipeline: this thread plans, reads and compresses chunk N+1 while the writer thread writes
+    // chunk N (the two files' page-cache work then overlaps, as QEMU's coroutines make it).
+    let (jobs, incoming) = std::sync::mpsc::sync_channel::<Job>(1);
+    let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+    let written = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| -> Result<()> {
+            for job in incoming {
+                settings.write_job(&mut out, &job)?;
+                let _ = recycle.send(job.buf);
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<()> {
+            let mut offset = 0;
+            while offset < size {
+                checkpoint(monitor)?;
+                let len = CHUNK.min(size - offset);
+                let buf = spare
+                    .try_recv()
+                    .unwrap_or_else(|_| vec![0u8; CHUNK as usize]);
+                let job = settings.read_job(source, offset, len, layers, buf)?;
+                if jobs.send(job).is_err() {
+                    // The writer stopped on an error: it reports it.
+                    break;
+                }
+                offset += len;
+                monitor.advance(offset);
+            }
+            Ok(())
+        })();
+        drop(jobs);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Compress("the writer thread panicked".into())));
+        read.and(written)
+    });
+    // Ordering: the target is closed (flushed) only after every chunk was written.
+    let closed = out.close();
+    written.and(closed)
 }
 
-struct Copier<'a> {
-    source: &'a mut Disk,
-    target: &'a mut Disk,
+/// What stays the same for every chunk of a conversion.
+struct Settings {
     /// Target granularity: qcow2 cluster or raw sparse block.
     unit: u64,
     with_backing: bool,
     /// `-S 0`: zero ranges are written too.
     write_zeros: bool,
     compressor: Option<Compressor>,
-    buf: Vec<u8>,
 }
 
-impl Copier<'_> {
+/// One chunk, read and planned, on its way to the writer.
+struct Job {
+    offset: u64,
+    len: u64,
+    plan: Vec<Action>,
+    buf: Vec<u8>,
+    packed: Vec<Option<Vec<u8>>>,
+}
+
+impl Settings {
     /// Classifies every unit of `[offset, offset + len)` from the source's block status.
-    fn plan(&mut self, offset: u64, len: u64, layers: usize) -> Result<Vec<Action>> {
+    fn plan(&self, source: &mut Disk, offset: u64, len: u64, layers: usize) -> Result<Vec<Action>> {
         let units = len.div_ceil(self.unit) as usize;
         let mut plan = vec![Action::Skip; units];
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let extent = self.source.status(pos, end - pos, layers)?;
+            let extent = source.status(pos, end - pos, layers)?;
             let action = match extent.allocation {
                 Allocation::Data => Action::Data,
                 Allocation::Zero if self.with_backing || self.write_zeros => Action::Zero,
@@ -165,18 +199,27 @@ impl Copier<'_> {
         Ok(plan)
     }
 
-    fn copy_chunk(&mut self, offset: u64, len: u64, layers: usize) -> Result<()> {
-        let mut plan = self.plan(offset, len, layers)?;
-        let buf = &mut self.buf[..len as usize];
+    /// Plans a chunk, reads its data (units that turn out all zero are skipped) and compresses
+    /// it when asked.
+    fn read_job(
+        &self,
+        source: &mut Disk,
+        offset: u64,
+        len: u64,
+        layers: usize,
+        mut buf: Vec<u8>,
+    ) -> Result<Job> {
+        let mut plan = self.plan(source, offset, len, layers)?;
+        let data = &mut buf[..len as usize];
         if plan.contains(&Action::Data) {
-            self.source.read_at(buf, offset)?;
+            source.read_at(data, offset)?;
             for (index, action) in plan.iter_mut().enumerate() {
                 if *action != Action::Data {
                     continue;
                 }
                 let start = index * self.unit as usize;
-                let stop = (start + self.unit as usize).min(buf.len());
-                if !self.write_zeros && is_zero(&buf[start..stop]) {
+                let stop = (start + self.unit as usize).min(data.len());
+                if !self.write_zeros && is_zero(&data[start..stop]) {
                     *action = if self.with_backing {
                         Action::Zero
                     } else {
@@ -186,9 +229,22 @@ impl Copier<'_> {
             }
         }
         let packed = match self.compressor {
-            Some(compressor) => compress_all(compressor, buf, &plan, self.unit as usize)?,
+            Some(compressor) => compress_all(compressor, data, &plan, self.unit as usize)?,
             None => Vec::new(),
         };
+        Ok(Job {
+            offset,
+            len,
+            plan,
+            buf,
+            packed,
+        })
+    }
+
+    /// Writes a chunk's data and zeros into the target.
+    fn write_job(&self, target: &mut Disk, job: &Job) -> Result<()> {
+        let (offset, len, plan) = (job.offset, job.len, &job.plan);
+        let buf = &job.buf[..len as usize];
         let mut index = 0;
         while index < plan.len() {
             let action = plan[index];
@@ -199,26 +255,53 @@ impl Copier<'_> {
                 Action::Skip => {}
                 // `-S 0` allocates zeros too; otherwise zero ranges may stay unallocated.
                 Action::Zero => {
-                    self.target
-                        .write_zeroes(offset + start, stop - start, !self.write_zeros)?
+                    target.write_zeroes(offset + start, stop - start, !self.write_zeros)?
                 }
                 Action::Data if self.compressor.is_some() => {
+                    let image = target.as_qcow2().ok_or(Error::ReadOnly)?;
                     for (i, unit_index) in (index..index + run).enumerate() {
                         let at = start as usize + i * self.unit as usize;
                         let data = &buf[at..(at + self.unit as usize).min(buf.len())];
-                        let image = self.target.as_qcow2().ok_or(Error::ReadOnly)?;
-                        let blob = packed.get(unit_index).cloned().flatten();
+                        let blob = job.packed.get(unit_index).cloned().flatten();
                         image.write_packed(offset + at as u64, data, blob)?;
                     }
                 }
-                Action::Data => self
-                    .target
-                    .write_at(&buf[start as usize..stop as usize], offset + start)?,
+                Action::Data => match target {
+                    Disk::Raw(raw) if stop - start >= 2 * PARALLEL_MIN => write_in_parallel(
+                        raw.storage_mut().file(),
+                        &buf[start as usize..stop as usize],
+                        offset + start,
+                    )?,
+                    _ => target.write_at(&buf[start as usize..stop as usize], offset + start)?,
+                },
             }
             index += run;
         }
         Ok(())
     }
+}
+
+/// Smallest piece a raw write is split into.
+const PARALLEL_MIN: u64 = 256 << 10;
+
+/// Writes `data` at `offset` of a raw file from two threads at once: the page-cache work of a
+/// buffered write runs on both cores (as QEMU's worker threads do).
+fn write_in_parallel(file: &std::fs::File, data: &[u8], offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let half = data.len() / 2;
+    let (first, second) = data.split_at(half);
+    let other = file
+        .try_clone()
+        .map_err(|source| Error::WriteData { offset, source })?;
+    std::thread::scope(|scope| {
+        let helper = scope.spawn(move || other.write_all_at(second, offset + half as u64));
+        let mine = file.write_all_at(first, offset);
+        let theirs = helper
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("a writer thread panicked")));
+        mine.and(theirs)
+    })
+    .map_err(|source| Error::WriteData { offset, source })
 }
 
 impl Action {

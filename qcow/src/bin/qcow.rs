@@ -158,7 +158,7 @@ enum Command {
         /// Zero runs at least this long stay unallocated (default 4k; 0 allocates everything).
         #[arg(short = 'S')]
         sparse: Option<String>,
-        /// Cache mode of the output (writeback, unsafe, none, ...).
+        /// Cache mode of the output (default unsafe, as in qemu-img: no flush at the end).
         #[arg(short = 't')]
         cache: Option<String>,
         /// Cache mode of the source (accepted; reads use the page cache).

@@ -8,6 +8,8 @@ use crate::raw::{AlignedBuf, Storage};
 
 /// Deferred frees beyond which a write forces a flush (bounds memory).
 const MAX_PENDING_FREES: usize = 4096;
+/// Most clusters allocated and written together by one write.
+const MAX_FRESH_RUN: u64 = 512;
 
 impl<S: Storage> Image<S> {
     pub(crate) fn write_host(&mut self, buf: &[u8], host: u64) -> Result<()> {
@@ -55,6 +57,13 @@ impl<S: Storage> Image<S> {
                 if let Some((start, at, len)) = run.take() {
                     self.write_host(&buf[at..at + len], start)?;
                 }
+                let fresh = self.fresh_clusters_ahead(guest, buf.len() - done)?;
+                if fresh > 0 {
+                    let len = (fresh * self.cluster_size) as usize;
+                    self.write_fresh_clusters(guest, &buf[done..done + len])?;
+                    done += len;
+                    continue;
+                }
                 if self.header.extended_l2() {
                     self.write_sub(guest, Some(&buf[done..done + n]), n)?;
                 } else {
@@ -67,6 +76,46 @@ impl<S: Storage> Image<S> {
             self.write_host(&buf[at..at + len], start)?;
         }
         self.bound_pending()
+    }
+
+    /// How many whole clusters from `guest` (cluster aligned, at most `len` bytes, inside one
+    /// L2 table) hold nothing the write must keep: unallocated or zero without a host cluster.
+    fn fresh_clusters_ahead(&mut self, guest: u64, len: usize) -> Result<u64> {
+        if self.header.extended_l2() || guest % self.cluster_size != 0 {
+            return Ok(0);
+        }
+        let table_span = self.cluster_size << self.l2_bits;
+        let limit = (len as u64 / self.cluster_size)
+            .min((table_span - guest % table_span) / self.cluster_size)
+            .min(MAX_FRESH_RUN);
+        let mut count = 0;
+        while count < limit {
+            let at = guest + count * self.cluster_size;
+            if !matches!(self.mapping(at)?, Mapping::Unallocated | Mapping::ZeroPlain) {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Writes whole clusters that hold nothing to keep into contiguous new host clusters with
+    /// one write.
+    fn write_fresh_clusters(&mut self, guest: u64, data: &[u8]) -> Result<()> {
+        let count = data.len() as u64 / self.cluster_size;
+        let (l2_offset, index) = self.l2_for_write(guest)?;
+        let host = self.alloc_clusters(count)?;
+        self.write_host(data, host)?;
+        // Ordering: like any new data, the entries sit in the cached L2 table, written only
+        // after the refcount barrier that also makes this data durable.
+        for i in 0..count {
+            self.set_l2_entry(
+                l2_offset,
+                index + i as usize,
+                (host + i * self.cluster_size) | COPIED,
+            )?;
+        }
+        Ok(())
     }
 
     /// Refuses in-place writes to a data cluster that overlaps metadata or lies past the file.

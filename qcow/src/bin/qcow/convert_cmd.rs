@@ -56,10 +56,8 @@ pub fn convert_cmd(args: &ConvertArgs) -> Result<u8> {
             bytes
         }
     };
-    let cache = match args.cache.as_deref() {
-        Some(mode) => CacheMode::parse(mode)?,
-        None => CacheMode::default(),
-    };
+    // Like qemu-img convert, the output's default cache mode is `unsafe`: no flush at the end.
+    let cache = CacheMode::parse(args.cache.as_deref().unwrap_or("unsafe"))?;
     let mut create = CreateOptions {
         backing_file: args.backing.clone(),
         backing_format: args.backing_format.clone(),
