@@ -1,7 +1,8 @@
 //! The control socket: one JSON request per line on a Unix socket, one JSON reply per line.
 //!
 //! Requests (`cmd` tag): `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
-//! `{"cmd":"shutdown"}`, `{"cmd":"snapshot","path":"DIR","kind":"full"|"diff"}`.
+//! `{"cmd":"shutdown"}`, `{"cmd":"snapshot","path":"DIR","kind":"full"|"diff","live":false|true}`,
+//! `{"cmd":"fork","count":N,"serial_dir":"DIR","socket_dir":"DIR"}`.
 //! Replies: `{"ok":true, …}` or `{"ok":false,"error":"…"}`. The server thread only parses and
 //! forwards: every request is carried out by the VMM thread's event loop.
 
@@ -9,7 +10,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -29,11 +33,27 @@ pub enum ApiRequest {
         path: String,
         #[serde(default = "full")]
         kind: SnapshotKind,
+        /// Written by a forked child from its copy-on-write view while the guest runs on.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        live: bool,
+    },
+    /// Fork the running VM into `count` more running VMs (see `fork.rs`).
+    Fork {
+        #[serde(default = "one")]
+        count: u32,
+        /// Where each child's serial output file goes.
+        serial_dir: String,
+        /// Where each child's control socket goes.
+        socket_dir: String,
     },
 }
 
 fn full() -> SnapshotKind {
     SnapshotKind::Full
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The socket could not be served or reached.
@@ -77,11 +97,22 @@ pub enum ApiError {
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
+    /// Requests forwarded to the VMM whose replies are not written back yet.
+    in_flight: Arc<AtomicUsize>,
 }
+
+/// How long a closing server waits for replies still being written.
+const REPLY_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // The VMM may exit right after answering (a shutdown); give the connection threads time
+        // to write what it answered, so the client gets a reply rather than a closed socket.
+        let deadline = Instant::now() + REPLY_DRAIN_TIMEOUT;
+        while self.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -104,23 +135,27 @@ pub fn serve(path: &Path, events: Sender<VmEvent>) -> Result<ApiServer, ApiError
     };
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let counter = in_flight.clone();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
                 let events = events.clone();
+                let counter = counter.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_connection(stream, &events));
+                    .spawn(move || serve_connection(stream, &events, &counter));
             }
         })
         .map_err(bind_err)?;
     Ok(ApiServer {
         path: path.to_owned(),
+        in_flight,
     })
 }
 
-fn serve_connection(stream: UnixStream, events: &Sender<VmEvent>) {
+fn serve_connection(stream: UnixStream, events: &Sender<VmEvent>, in_flight: &AtomicUsize) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -131,6 +166,9 @@ fn serve_connection(stream: UnixStream, events: &Sender<VmEvent>) {
         if line.trim().is_empty() {
             continue;
         }
+        // Ordering: counted before the VMM can see the request, uncounted after the reply is
+        // written, so a server dropped once the VMM answered waits for the write.
+        in_flight.fetch_add(1, Ordering::AcqRel);
         let reply = match serde_json::from_str::<ApiRequest>(&line) {
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
             Ok(request) => {
@@ -144,7 +182,9 @@ fn serve_connection(stream: UnixStream, events: &Sender<VmEvent>) {
                 }
             }
         };
-        if writeln!(writer, "{reply}").is_err() {
+        let written = writeln!(writer, "{reply}");
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        if written.is_err() {
             return;
         }
     }
@@ -200,7 +240,8 @@ mod tests {
             snapshot,
             ApiRequest::Snapshot {
                 path: "/s".into(),
-                kind: SnapshotKind::Full
+                kind: SnapshotKind::Full,
+                live: false,
             }
         );
         let diff: ApiRequest =
@@ -209,7 +250,30 @@ mod tests {
             diff,
             ApiRequest::Snapshot {
                 path: "/s".into(),
-                kind: SnapshotKind::Diff
+                kind: SnapshotKind::Diff,
+                live: false,
+            }
+        );
+        let live: ApiRequest =
+            serde_json::from_str(r#"{"cmd":"snapshot","path":"/s","kind":"diff","live":true}"#)
+                .unwrap();
+        assert_eq!(
+            serde_json::to_string(&live).unwrap(),
+            r#"{"cmd":"snapshot","path":"/s","kind":"diff","live":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&diff).unwrap(),
+            r#"{"cmd":"snapshot","path":"/s","kind":"diff"}"#,
+            "a stop-and-copy request reads as before"
+        );
+        let fork: ApiRequest =
+            serde_json::from_str(r#"{"cmd":"fork","serial_dir":"/a","socket_dir":"/b"}"#).unwrap();
+        assert_eq!(
+            fork,
+            ApiRequest::Fork {
+                count: 1,
+                serial_dir: "/a".into(),
+                socket_dir: "/b".into()
             }
         );
         assert_eq!(

@@ -12,6 +12,7 @@ use std::time::Instant;
 use cowvm_guest_abi::layout::{EXIT_PORT, SERIAL_PORT};
 use cowvm_guest_abi::BootInfo;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
 
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, GuestImage, SerialOutput, VmConfig};
@@ -24,7 +25,8 @@ use crate::loader::{self, LoadError};
 use crate::machine::{Machine, MachineParts, VmEvent};
 use crate::memory::{create_guest_memory, host_ram_bytes, ram_end, MemoryError};
 use crate::snapshot::persist::Persist;
-use crate::snapshot::{self, SnapshotError};
+use crate::snapshot::state::{ParentRef, SnapshotState};
+use crate::snapshot::{self, MappedFile, SnapshotError};
 use crate::vcpu::{EventSink, RunState, Vcpu, VcpuError};
 use crate::vm::{EmptyVm, MemoryOrigin, Vm, VmError};
 
@@ -114,6 +116,7 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
         created_at,
         parent: None,
         mapped: None,
+        kvm_device: config.kvm_device.clone(),
     };
     start(vcpus, RunState::Running, parts)
 }
@@ -141,23 +144,76 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
         snapshot::verify_chain(&chain)?;
     }
     let kvm = open_kvm(&options.kvm_device)?;
-    let limits = host_limits(&kvm);
-    let vcpu_count = top.state.vcpus.len() as u32;
-    if vcpu_count == 0 || vcpu_count > limits.kvm_max_vcpus {
-        return Err(BuildError::Config(ConfigError::TooManyVcpus {
-            requested: vcpu_count,
-            max: limits.kvm_max_vcpus,
-            kvm: limits.kvm_max_vcpus,
-            abi: cowvm_guest_abi::layout::MAX_VCPUS,
-        }));
-    }
+    check_vcpu_count(&kvm, &top.state)?;
     let serial_out = serial_output(&options.serial)?;
     let created_at = Instant::now();
     let mut vm = EmptyVm::create(&kvm)?;
     vm.set_dirty_log_mode(MemoryOrigin::Restore)?;
     let loaded = snapshot::load_memory(&chain, options.eager)?;
     let vm = vm.register_memory(loaded.memory)?;
-    if let Some(clock) = &top.state.vm.clock {
+    let initial = if options.paused {
+        RunState::Paused
+    } else {
+        RunState::Running
+    };
+    from_state(SavedMachine {
+        kvm: &kvm,
+        vm,
+        state: &top.state,
+        serial_out,
+        parent: Some(top.as_parent()),
+        mapped: loaded.mapped,
+        initial,
+        created_at,
+        kvm_device: options.kvm_device.clone(),
+    })
+}
+
+/// The saved state's vCPU count, if this host's KVM can run that many.
+fn check_vcpu_count(kvm: &Kvm, state: &SnapshotState) -> Result<u32, BuildError> {
+    let vcpu_count = state.vcpus.len() as u32;
+    let max = host_limits(kvm).kvm_max_vcpus;
+    if vcpu_count == 0 || vcpu_count > max {
+        return Err(BuildError::Config(ConfigError::TooManyVcpus {
+            requested: vcpu_count,
+            max,
+            kvm: max,
+            abi: cowvm_guest_abi::layout::MAX_VCPUS,
+        }));
+    }
+    Ok(vcpu_count)
+}
+
+/// A VM whose RAM is registered and whose vCPUs, clock and devices come from saved state.
+pub(crate) struct SavedMachine<'a> {
+    pub kvm: &'a Kvm,
+    pub vm: Vm,
+    pub state: &'a SnapshotState,
+    pub serial_out: Box<dyn Write + Send>,
+    /// What the VM's first diff builds on.
+    pub parent: Option<ParentRef>,
+    pub mapped: Option<MappedFile>,
+    pub initial: RunState,
+    pub created_at: Instant,
+    pub kvm_device: PathBuf,
+}
+
+/// The second half of a restore, shared with a live fork's child: sets the clock, restores the
+/// serial device and every vCPU from `state`, and starts the vCPUs in `initial`.
+pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError> {
+    let SavedMachine {
+        kvm,
+        vm,
+        state,
+        serial_out,
+        parent,
+        mapped,
+        initial,
+        created_at,
+        kvm_device,
+    } = saved;
+    let vcpu_count = check_vcpu_count(kvm, state)?;
+    if let Some(clock) = &state.vm.clock {
         let clock = kvm_bindings::kvm_clock_data { flags: 0, ..*clock };
         if let Err(e) = vm.fd().set_clock(&clock) {
             tracing::debug!("KVM_SET_CLOCK: {e}");
@@ -165,30 +221,26 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     }
     let serial = Arc::new(Mutex::new(SerialDevice::restore(
         serial_out,
-        &top.state.serial,
+        &state.serial,
     )?));
     let (events, buses) = wire_devices(&serial)?;
     let sink = event_sink(&events.0);
     let mut vcpus = Vec::with_capacity(vcpu_count as usize);
-    for (index, state) in top.state.vcpus.iter().enumerate() {
+    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
         let vcpu = create_vcpu(&vm, index as u32, &buses, &sink)?;
-        vcpu.restore_state(state)?;
+        vcpu.restore_state(vcpu_state)?;
         vcpus.push(vcpu);
     }
     let parts = MachineParts {
         vm,
-        mem_size: top.state.mem_size,
+        mem_size: state.mem_size,
         events,
         buses,
         serial,
         created_at,
-        parent: Some(top.as_parent()),
-        mapped: loaded.mapped,
-    };
-    let initial = if options.paused {
-        RunState::Paused
-    } else {
-        RunState::Running
+        parent,
+        mapped,
+        kvm_device,
     };
     start(vcpus, initial, parts)
 }
@@ -197,7 +249,7 @@ type Events = (mpsc::Sender<VmEvent>, mpsc::Receiver<VmEvent>);
 /// The port-I/O bus and the MMIO bus.
 type Buses = (Arc<Bus>, Arc<Bus>);
 
-fn serial_output(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
+pub(crate) fn serial_output(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
     Ok(match serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::File(path) => {

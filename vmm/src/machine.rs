@@ -1,8 +1,8 @@
 //! A running VM: its vCPU threads, its devices, and the VMM thread's event loop, which waits for
 //! the guest to exit or fail and carries out control requests (pause, resume, snapshot, stats,
-//! shutdown).
+//! shutdown, live snapshot and fork — see `fork.rs` for the child processes).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
+use crate::fork::{self, ChildEvent, ForkError, LiveOps, LiveWriter, WriterJob};
 use crate::snapshot::persist::Persist;
 use crate::snapshot::staging::StagingDir;
 use crate::snapshot::state::{MemoryState, ParentRef, SnapshotKind, SnapshotState, VmState};
@@ -33,6 +34,8 @@ pub enum VmEvent {
     Vcpu(VcpuEvent),
     /// A control-socket request and where to send the reply.
     Api(ApiRequest, Sender<Value>),
+    /// From the thread that watches a child process (a live snapshot's writer, a forked VM).
+    Child(ChildEvent),
 }
 
 /// The VM stopped without the guest writing an exit status, or a request failed.
@@ -52,6 +55,8 @@ pub enum MachineError {
     GuestRamUnreadable { index: u32, path: String },
     #[error("refusing to publish a snapshot holding {saved} of the VM's {vcpus} vCPUs")]
     MissingVcpuState { saved: usize, vcpus: usize },
+    #[error(transparent)]
+    Fork(#[from] ForkError),
 }
 
 /// The devices and facts a machine needs beyond its vCPUs.
@@ -67,6 +72,8 @@ pub struct MachineParts {
     pub parent: Option<ParentRef>,
     /// The snapshot memory file guest RAM maps, if it maps one.
     pub mapped: Option<MappedFile>,
+    /// The KVM device the VM was created with (a forked child creates its VM there).
+    pub kvm_device: PathBuf,
 }
 
 /// What a snapshot request produced.
@@ -106,6 +113,9 @@ pub struct Machine {
     snapshots_taken: u64,
     /// Time of each snapshot's dirty-bitmap harvest (get + clear), most recent last.
     harvest_times: Vec<Duration>,
+    /// Live snapshots and forks in flight, forked children, their last results.
+    live: LiveOps,
+    kvm_device: PathBuf,
     /// When KVM_CREATE_VM was called.
     pub created_at: Instant,
 }
@@ -129,6 +139,8 @@ impl Machine {
             pending_dirty: Vec::new(),
             snapshots_taken: 0,
             harvest_times: Vec::new(),
+            live: LiveOps::default(),
+            kvm_device: parts.kvm_device,
             created_at: parts.created_at,
         }
     }
@@ -225,6 +237,7 @@ impl Machine {
         kind: SnapshotKind,
     ) -> Result<SnapshotReport, MachineError> {
         let started = Instant::now();
+        self.live.ensure_idle()?;
         if kind == SnapshotKind::Diff && self.parent.is_none() {
             return Err(SnapshotError::NoParent.into());
         }
@@ -267,29 +280,16 @@ impl Machine {
         }
     }
 
-    /// With every vCPU paused: takes the dirty bitmap (merged with bits left by a failed
-    /// snapshot), saves every vCPU and device, and writes memory into the staging directory.
-    /// Returns the bitmap to keep if the snapshot fails from here on, with the result.
+    /// With every vCPU paused: captures state (see [`Machine::capture_state`]) and writes
+    /// memory into the staging directory. Returns the bitmap to keep if the snapshot fails from
+    /// here on, with the result.
     #[allow(clippy::type_complexity)]
     fn capture(
         &mut self,
         staging: StagingDir,
         kind: SnapshotKind,
     ) -> Result<(Vec<u64>, snapshot::PendingSnapshot), (Vec<u64>, MachineError)> {
-        let harvest_started = Instant::now();
-        let mut dirty = match self.vm.take_dirty_bitmap().into_result() {
-            Ok(dirty) => dirty,
-            Err((e, mut harvested)) => {
-                merge_into(&mut harvested, &self.pending_dirty);
-                return Err((harvested, e.into()));
-            }
-        };
-        self.harvest_times.push(harvest_started.elapsed());
-        merge_into(&mut dirty, &self.pending_dirty);
-        let state = match self.save_state(kind) {
-            Ok(state) => state,
-            Err(e) => return Err((dirty, e)),
-        };
+        let (dirty, state) = self.capture_state(kind)?;
         let diff = (kind == SnapshotKind::Diff).then_some(dirty.as_slice());
         let written = self
             .check_mapped_file()
@@ -301,6 +301,172 @@ impl Machine {
         match written {
             Ok(pending) => Ok((dirty, pending)),
             Err(e) => Err((dirty, e)),
+        }
+    }
+
+    /// With every vCPU paused: takes the dirty bitmap (merged with bits left by a failed
+    /// snapshot) and saves every vCPU and device. Returns the bitmap — to keep for the next diff
+    /// if the snapshot fails from here on — with the state or the error.
+    #[allow(clippy::type_complexity)]
+    fn capture_state(
+        &mut self,
+        kind: SnapshotKind,
+    ) -> Result<(Vec<u64>, SnapshotState), (Vec<u64>, MachineError)> {
+        let harvest_started = Instant::now();
+        let mut dirty = match self.vm.take_dirty_bitmap().into_result() {
+            Ok(dirty) => dirty,
+            Err((e, mut harvested)) => {
+                merge_into(&mut harvested, &self.pending_dirty);
+                return Err((harvested, e.into()));
+            }
+        };
+        self.harvest_times.push(harvest_started.elapsed());
+        merge_into(&mut dirty, &self.pending_dirty);
+        match self.save_state(kind) {
+            Ok(state) => Ok((dirty, state)),
+            Err(e) => Err((dirty, e)),
+        }
+    }
+
+    /// A live snapshot: the guest is paused only while its dirty bitmap and state are captured
+    /// and the process forks; the child writes and publishes the snapshot from its copy-on-write
+    /// view of RAM. The reply goes out when the child has ended ([`Machine::on_child_event`]).
+    fn snapshot_live(
+        &mut self,
+        dir: &Path,
+        kind: SnapshotKind,
+        reply: &Sender<Value>,
+    ) -> Result<(), MachineError> {
+        let started = Instant::now();
+        self.live.ensure_idle()?;
+        if kind == SnapshotKind::Diff && self.parent.is_none() {
+            return Err(SnapshotError::NoParent.into());
+        }
+        let staging = StagingDir::new(dir).map_err(SnapshotError::from)?;
+        let was_running = !self.paused;
+        if was_running {
+            self.pause()?;
+        }
+        let mut fork_time = Duration::ZERO;
+        let spawned = self.capture_state(kind).and_then(|(dirty, state)| {
+            let id = state.id.clone().unwrap_or_default();
+            let job = WriterJob {
+                staging: &staging,
+                state,
+                memory: self.vm.memory(),
+                diff: (kind == SnapshotKind::Diff).then_some(dirty.as_slice()),
+                mapped: self.mapped.as_ref(),
+            };
+            let forked_at = Instant::now();
+            let pid = fork::spawn_writer(&self.events_tx, job);
+            fork_time = forked_at.elapsed();
+            match pid {
+                Ok(pid) => Ok((dirty, id, pid)),
+                Err(e) => Err((dirty, e.into())),
+            }
+        });
+        let paused = started.elapsed();
+        // Ordering: the child has its frozen view of RAM once fork() returned; the guest may
+        // run again now.
+        if was_running {
+            if let Err(e) = self.resume() {
+                tracing::warn!("resuming after a live snapshot's fork: {e}");
+            }
+        }
+        match spawned {
+            Ok((dirty, id, pid)) => {
+                self.live.start_writer(LiveWriter {
+                    pid,
+                    staging,
+                    id,
+                    kind,
+                    dirty,
+                    reply: reply.clone(),
+                    started,
+                    paused,
+                    fork_time,
+                    report: None,
+                });
+                Ok(())
+            }
+            Err((dirty, e)) => {
+                self.pending_dirty = dirty;
+                Err(e)
+            }
+        }
+    }
+
+    /// A live fork: paused while the state is captured and the process forks `count` times;
+    /// each child runs the VM on as a new one (see `fork.rs`). The reply goes out once every
+    /// child has reported that it runs.
+    fn fork_vms(
+        &mut self,
+        count: u32,
+        serial_dir: &Path,
+        socket_dir: &Path,
+        reply: &Sender<Value>,
+    ) -> Result<(), MachineError> {
+        let started = Instant::now();
+        self.live.ensure_idle()?;
+        let plans = self.live.plan(count, serial_dir, socket_dir)?;
+        let was_running = !self.paused;
+        if was_running {
+            self.pause()?;
+        }
+        let mut forked = Vec::with_capacity(plans.len());
+        let mut fork_times = Vec::with_capacity(plans.len());
+        let mut failure = None;
+        let captured = self
+            .save_state(SnapshotKind::Full)
+            .and_then(|state| Ok((state, self.guest_progress()?)));
+        match &captured {
+            Ok((state, _)) => {
+                let from = fork::Captured {
+                    state,
+                    memory: self.vm.memory(),
+                    mapped: self.mapped.as_ref(),
+                    kvm_device: &self.kvm_device,
+                };
+                for plan in plans {
+                    let forked_at = Instant::now();
+                    match fork::spawn_vm(&self.events_tx, &plan, &from) {
+                        Ok(pid) => forked.push((pid, plan)),
+                        Err(e) => {
+                            failure = Some(e.to_string());
+                            break;
+                        }
+                    }
+                    fork_times.push(forked_at.elapsed());
+                }
+            }
+            Err(e) => failure = Some(e.to_string()),
+        }
+        let paused = started.elapsed();
+        if was_running {
+            if let Err(e) = self.resume() {
+                tracing::warn!("resuming after a fork: {e}");
+            }
+        }
+        let progress = captured.map(|(_, progress)| progress).unwrap_or_default();
+        self.live
+            .start_fork(reply.clone(), forked, failure, paused, fork_times, progress);
+        Ok(())
+    }
+
+    /// A child process reported or ended; a finished live snapshot becomes the parent of the
+    /// next diff, or gives its dirty bits back.
+    fn on_child_event(&mut self, event: ChildEvent) {
+        let Some(settled) = self.live.on_event(event) else {
+            return;
+        };
+        match settled.published {
+            Some(parent) => {
+                self.pending_dirty.clear();
+                self.parent = Some(parent);
+                self.snapshots_taken += 1;
+            }
+            // Transactional as a stop-and-copy snapshot: nothing written is left out.
+            None => self.pending_dirty = settled.dirty,
         }
     }
 
@@ -360,7 +526,7 @@ impl Machine {
 
     fn stats(&self) -> Result<Value, MappedFileChanged> {
         let (pio, mmio) = self.unmapped_accesses();
-        Ok(json!({
+        let mut stats = json!({
             "ok": true,
             "state": if self.paused { "paused" } else { "running" },
             "vcpus": self.vcpus.len(),
@@ -376,44 +542,79 @@ impl Machine {
             "memory_file": self.mapped.as_ref().map(|m| m.path().display().to_string()),
             "unmapped_pio_accesses": pio,
             "unmapped_mmio_accesses": mmio,
-        }))
+        });
+        fork::merge(&mut stats, &self.live.stats());
+        Ok(stats)
     }
 
-    /// Carries out one control request; returns the reply, and the error that must stop the VM
-    /// (a changed memory file) or `Ok(true)` for a shutdown.
-    fn handle_api(&mut self, request: ApiRequest) -> (Value, Result<bool, MachineError>) {
-        let error = |e: &dyn std::fmt::Display| json!({"ok": false, "error": e.to_string()});
-        match request {
+    /// Carries out one control request and sends its reply (a live snapshot's or a fork's once
+    /// its children have reported); returns the error that must stop the VM (a changed memory
+    /// file) or `Ok(true)` for a shutdown.
+    fn handle_api(
+        &mut self,
+        request: ApiRequest,
+        reply: &Sender<Value>,
+    ) -> Result<bool, MachineError> {
+        let (value, outcome) = match request {
+            ApiRequest::Snapshot {
+                path,
+                kind,
+                live: true,
+            } => match self.snapshot_live(Path::new(&path), kind, reply) {
+                Ok(()) => return Ok(false),
+                Err(MachineError::MappedFile(e)) => (error_reply(&e), Err(e.into())),
+                Err(e) => (
+                    error_reply(&format!("live snapshot {path} not taken: {e}")),
+                    Ok(false),
+                ),
+            },
+            ApiRequest::Fork {
+                count,
+                serial_dir,
+                socket_dir,
+            } => {
+                match self.fork_vms(count, Path::new(&serial_dir), Path::new(&socket_dir), reply) {
+                    Ok(()) => return Ok(false),
+                    Err(e) => (error_reply(&format!("fork failed: {e}")), Ok(false)),
+                }
+            }
             ApiRequest::Pause => match self.pause() {
                 Ok(()) => (json!({"ok": true, "state": "paused"}), Ok(false)),
-                Err(e) => (error(&e), Ok(false)),
+                Err(e) => (error_reply(&e), Ok(false)),
             },
             ApiRequest::Resume => match self.resume() {
                 Ok(()) => (json!({"ok": true, "state": "running"}), Ok(false)),
-                Err(e) => (error(&e), Ok(false)),
+                Err(e) => (error_reply(&e), Ok(false)),
             },
             ApiRequest::Stats => match self.stats() {
                 Ok(stats) => (stats, Ok(false)),
-                Err(e) => (error(&e), Err(e.into())),
+                Err(e) => (error_reply(&e), Err(e.into())),
             },
             ApiRequest::Shutdown => (json!({"ok": true, "state": "shutting down"}), Ok(true)),
-            ApiRequest::Snapshot { path, kind } => match self.snapshot(Path::new(&path), kind) {
-                Ok(report) => (
-                    json!({
-                        "ok": true,
-                        "path": path,
-                        "id": report.id,
-                        "kind": report.kind,
-                        "pages_stored": report.pages_stored,
-                        "paused_us": report.paused.as_micros() as u64,
-                        "total_us": report.total.as_micros() as u64,
-                    }),
-                    Ok(false),
-                ),
-                Err(MachineError::MappedFile(e)) => (error(&e), Err(e.into())),
-                Err(e) => (error(&format!("snapshot {path} not taken: {e}")), Ok(false)),
-            },
-        }
+            ApiRequest::Snapshot { path, kind, .. } => {
+                match self.snapshot(Path::new(&path), kind) {
+                    Ok(report) => (
+                        json!({
+                            "ok": true,
+                            "path": path,
+                            "id": report.id,
+                            "kind": report.kind,
+                            "pages_stored": report.pages_stored,
+                            "paused_us": report.paused.as_micros() as u64,
+                            "total_us": report.total.as_micros() as u64,
+                        }),
+                        Ok(false),
+                    ),
+                    Err(MachineError::MappedFile(e)) => (error_reply(&e), Err(e.into())),
+                    Err(e) => (
+                        error_reply(&format!("snapshot {path} not taken: {e}")),
+                        Ok(false),
+                    ),
+                }
+            }
+        };
+        let _ = reply.send(value);
+        outcome
     }
 
     /// Runs the event loop until the guest exits (its status), a shutdown request (0), or a
@@ -440,19 +641,38 @@ impl Machine {
                         break Err(MachineError::AllHalted);
                     }
                 }
-                VmEvent::Api(request, reply) => {
-                    let (value, outcome) = self.handle_api(request);
-                    let _ = reply.send(value);
-                    match outcome {
-                        Ok(false) => {}
-                        Ok(true) => break Ok(0),
-                        Err(e) => break Err(e),
-                    }
-                }
+                VmEvent::Api(request, reply) => match self.handle_api(request, &reply) {
+                    Ok(false) => {}
+                    Ok(true) => break Ok(0),
+                    Err(e) => break Err(e),
+                },
+                VmEvent::Child(event) => self.on_child_event(event),
             }
         };
+        self.finish_live_ops();
         self.stop();
         result
+    }
+
+    /// Before the VMM exits: waits for a live snapshot being written (its request gets its
+    /// reply, and nothing half-written is left) and for forked children still starting, and
+    /// answers requests that came in meanwhile.
+    fn finish_live_ops(&mut self) {
+        loop {
+            let event = if self.live.busy() {
+                self.events.recv().ok()
+            } else {
+                self.events.try_recv().ok()
+            };
+            match event {
+                Some(VmEvent::Child(event)) => self.on_child_event(event),
+                Some(VmEvent::Api(_, reply)) => {
+                    let _ = reply.send(error_reply(&"the VM is shutting down"));
+                }
+                Some(VmEvent::Vcpu(_)) => {}
+                None => break,
+            }
+        }
     }
 
     /// `KVM_RUN` fails with EFAULT when guest RAM cannot be faulted in: for a VM that maps a
@@ -478,6 +698,10 @@ impl Machine {
             vcpu.stop();
         }
     }
+}
+
+fn error_reply(e: &dyn std::fmt::Display) -> Value {
+    json!({"ok": false, "error": e.to_string()})
 }
 
 /// ORs `pending` into `bitmap` (same layout).

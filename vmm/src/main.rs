@@ -37,6 +37,9 @@ enum Command {
     Stats(SocketArg),
     /// Stop a running VM (it exits with status 0).
     Shutdown(SocketArg),
+    /// Fork a running VM into more running VMs, each with its own generation id, serial output
+    /// and control socket; the VM itself runs on.
+    Fork(ForkArgs),
     /// Create, merge and inspect snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -49,6 +52,24 @@ struct SocketArg {
     api_socket: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+struct ForkArgs {
+    /// The VM's control socket (`--api-socket` of `cowvm run`/`restore`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// How many children to fork.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Where each child's serial output goes (`fork-GENERATION.serial`; default: the directory
+    /// of --api-socket).
+    #[arg(long, value_name = "DIR")]
+    serial_dir: Option<PathBuf>,
+    /// Where each child's control socket goes (`fork-GENERATION.sock`; default: the directory
+    /// of --api-socket).
+    #[arg(long, value_name = "DIR")]
+    api_socket_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum SnapshotCommand {
     /// Snapshot a running VM into DIR (which must not exist or be empty).
@@ -58,6 +79,10 @@ enum SnapshotCommand {
         /// Store only the pages written since the VM's previous snapshot.
         #[arg(long)]
         diff: bool,
+        /// Pause the guest only to capture its state and fork; a child process writes the
+        /// snapshot from a copy-on-write view of RAM while the guest runs.
+        #[arg(long)]
+        live: bool,
         dir: PathBuf,
     },
     /// Squash a diff chain into one full snapshot (in place, or into --output).
@@ -154,6 +179,7 @@ fn main() -> ExitCode {
         Command::Resume(s) => control(&s.api_socket, ApiRequest::Resume),
         Command::Stats(s) => control(&s.api_socket, ApiRequest::Stats),
         Command::Shutdown(s) => control(&s.api_socket, ApiRequest::Shutdown),
+        Command::Fork(args) => fork(args),
         Command::Snapshot(command) => snapshot(command),
     };
     match result {
@@ -180,6 +206,7 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
         SnapshotCommand::Create {
             api_socket,
             diff,
+            live,
             dir,
         } => {
             let path = std::path::absolute(&dir)?;
@@ -191,6 +218,7 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
             let request = ApiRequest::Snapshot {
                 path: path.display().to_string(),
                 kind,
+                live,
             };
             let reply = vmm::api::request(&api_socket, &request)?;
             let ms = |key: &str| reply[key].as_f64().unwrap_or(0.0) / 1000.0;
@@ -201,6 +229,14 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
                 ms("paused_us"),
                 ms("total_us")
             );
+            if live {
+                println!(
+                    "live: written by process {} in {:.3} ms while the guest ran; copy-on-write {} bytes",
+                    reply["writer_pid"],
+                    ms("write_us"),
+                    reply["cow_bytes"]
+                );
+            }
         }
         SnapshotCommand::Merge { dir, output } => {
             let merged = vmm::snapshot::merge(&dir, output.as_deref())?;
@@ -234,6 +270,44 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
                 println!("checks:       ok ({})", report.checks);
             }
         }
+    }
+    Ok(0)
+}
+
+fn fork(args: ForkArgs) -> anyhow::Result<u8> {
+    // Relative directories mean the client's working directory, not the VM's.
+    let socket = std::path::absolute(&args.api_socket)?;
+    let beside_socket = socket
+        .parent()
+        .map_or_else(|| PathBuf::from("."), PathBuf::from);
+    let dir = |given: Option<PathBuf>| -> anyhow::Result<String> {
+        let dir = match given {
+            Some(dir) => std::path::absolute(dir)?,
+            None => beside_socket.clone(),
+        };
+        Ok(dir.display().to_string())
+    };
+    let request = ApiRequest::Fork {
+        count: args.count,
+        serial_dir: dir(args.serial_dir)?,
+        socket_dir: dir(args.api_socket_dir)?,
+    };
+    let reply = vmm::api::request(&args.api_socket, &request)?;
+    let children = reply["children"].as_array().cloned().unwrap_or_default();
+    println!(
+        "forked {} VM{}, guest paused {:.3} ms",
+        children.len(),
+        if children.len() == 1 { "" } else { "s" },
+        reply["paused_us"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    for child in children {
+        println!(
+            "pid {} generation {:#x}: --api-socket {} serial {}",
+            child["pid"],
+            child["generation"].as_u64().unwrap_or(0),
+            child["api_socket"].as_str().unwrap_or("?"),
+            child["serial"].as_str().unwrap_or("?")
+        );
     }
     Ok(0)
 }

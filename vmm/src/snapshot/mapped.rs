@@ -63,6 +63,12 @@ impl MappedFile {
         &self.path
     }
 
+    /// The open descriptor of the file (a forked child keeps it open).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
     /// Checks that the mapped inode still has the size and modification time it had when it
     /// was mapped (the open descriptor sees the inode even if the name was replaced).
     pub fn check(&self) -> Result<(), MappedFileChanged> {

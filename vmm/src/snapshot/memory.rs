@@ -67,52 +67,91 @@ fn is_zero(page: &[u8]) -> bool {
         // SAFETY: u64 has no invalid bit patterns; align_to handles any misalignment.
         unsafe { page.align_to::<u64>() }
     };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+    // OR-ing blocks of words (instead of stopping at the first nonzero one) lets the compiler
+    // vectorize the scan; most pages either are zero or differ early in their first block.
+    head.iter().all(|&b| b == 0)
+        && words
+            .chunks(32)
+            .all(|block| block.iter().fold(0, |acc, &w| acc | w) == 0)
+        && tail.iter().all(|&b| b == 0)
 }
 
-/// Writes page runs of `pages` (file page index → present) with as few writes as possible.
-fn write_runs(
+/// Pages per `pwrite`: the pages just checked for zeros are still in the CPU cache when the
+/// kernel copies them, and page-cache allocation and dirty throttling proceed in step with the
+/// copy (one write of all of RAM measured slower than the same data in pieces).
+const WRITE_PAGES: u64 = 512;
+
+/// Writes the pages of `memory` whose bit is set in `selected` (one bit per file page), leaving
+/// out zero pages if `skip_zero`, at their file offsets. Returns the runs written, coalesced.
+fn write_pages(
     file: &File,
     memory: &GuestMemory,
-    mut wanted: impl FnMut(u64, &[u8]) -> bool,
+    selected: &[u64],
+    skip_zero: bool,
 ) -> Result<Vec<(u64, u64)>, SnapshotMemoryError> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
+    let page_size = PAGE_SIZE as usize;
     for (file_offset, addr, len) in regions(memory) {
-        // SAFETY: snapshots are written with every vCPU paused.
+        // SAFETY: snapshots are written with every vCPU paused (or, for a live snapshot, from a
+        // forked child whose copy of RAM nothing else writes).
         let bytes = unsafe { region_bytes(addr, len) };
         let first_page = file_offset / PAGE_SIZE;
-        let mut run_start: Option<usize> = None;
-        let pages = len / PAGE_SIZE as usize;
-        for index in 0..=pages {
-            let keep = index < pages && {
-                let page = &bytes[index * PAGE_SIZE as usize..(index + 1) * PAGE_SIZE as usize];
-                wanted(first_page + index as u64, page)
-            };
-            match (keep, run_start) {
-                (true, None) => run_start = Some(index),
-                (false, Some(start)) => {
-                    let data = &bytes[start * PAGE_SIZE as usize..index * PAGE_SIZE as usize];
-                    file.write_all_at(data, file_offset + start as u64 * PAGE_SIZE)
-                        .map_err(SnapshotMemoryError::Write)?;
-                    runs.push((first_page + start as u64, (index - start) as u64));
-                    run_start = None;
+        let pages = (len / page_size) as u64;
+        let write = |from: u64, to: u64| {
+            let data = &bytes[from as usize * page_size..to as usize * page_size];
+            file.write_all_at(data, file_offset + from * PAGE_SIZE)
+                .map_err(SnapshotMemoryError::Write)
+        };
+        // Pages of this region checked and kept but not yet written.
+        let mut unwritten: Option<u64> = None;
+        let mut index = 0;
+        while index < pages {
+            let page = first_page + index;
+            let word = selected.get((page / 64) as usize).copied().unwrap_or(0);
+            if word == 0 && page % 64 == 0 && index + 64 <= pages {
+                if let Some(from) = unwritten.take() {
+                    write(from, index)?;
                 }
-                _ => {}
+                index += 64;
+                continue;
             }
+            let keep = word >> (page % 64) & 1 == 1 && {
+                let at = index as usize * page_size;
+                !(skip_zero && is_zero(&bytes[at..at + page_size]))
+            };
+            if keep {
+                let from = *unwritten.get_or_insert(index);
+                match runs.last_mut() {
+                    Some((start, count)) if *start + *count == page => *count += 1,
+                    _ => runs.push((page, 1)),
+                }
+                if index + 1 - from >= WRITE_PAGES {
+                    write(from, index + 1)?;
+                    unwritten = None;
+                }
+            } else if let Some(from) = unwritten.take() {
+                write(from, index)?;
+            }
+            index += 1;
+        }
+        if let Some(from) = unwritten {
+            write(from, pages)?;
         }
     }
     Ok(runs)
 }
 
-/// Dumps all of RAM to `file`, leaving zero pages as holes. Returns the pages written. The
-/// caller syncs the file (see [`super::staging::StagingDir::commit`]).
+/// Dumps all of RAM to `file`, leaving zero pages as holes. Only pages that can hold data are
+/// read (see [`super::residency`]): RAM the guest never touched is not faulted in. Returns the
+/// pages written. The caller syncs the file (see [`super::staging::StagingDir::commit`]).
 pub fn dump_full(
     file: &File,
     memory: &GuestMemory,
     mem_size: u64,
 ) -> Result<u64, SnapshotMemoryError> {
-    file.set_len(mem_size).map_err(SnapshotMemoryError::Write)?;
-    let runs = write_runs(file, memory, |_, page| !is_zero(page))?;
+    let candidates = super::residency::pages_with_data(memory);
+    let runs = write_pages(file, memory, &candidates, true)?;
+    set_length(file, mem_size)?;
     Ok(runs.iter().map(|(_, count)| count).sum())
 }
 
@@ -123,14 +162,15 @@ pub fn dump_diff(
     mem_size: u64,
     dirty: &[u64],
 ) -> Result<Vec<(u64, u64)>, SnapshotMemoryError> {
-    file.set_len(mem_size).map_err(SnapshotMemoryError::Write)?;
-    let bit = |page: u64| {
-        dirty
-            .get((page / 64) as usize)
-            .is_some_and(|w| w >> (page % 64) & 1 == 1)
-    };
-    let runs = write_runs(file, memory, |page, _| bit(page))?;
+    let runs = write_pages(file, memory, dirty, false)?;
+    set_length(file, mem_size)?;
     Ok(runs)
+}
+
+/// Ordering: the length is set after the data, so a dump cut short (full disk, a file-size
+/// limit, a killed writer) leaves a file shorter than RAM, which no reader takes for complete.
+fn set_length(file: &File, mem_size: u64) -> Result<(), SnapshotMemoryError> {
+    file.set_len(mem_size).map_err(SnapshotMemoryError::Write)
 }
 
 fn open_checked(path: &Path, mem_size: u64) -> Result<File, SnapshotMemoryError> {

@@ -13,6 +13,7 @@ pub mod mapped;
 pub mod memory;
 mod merge;
 pub mod persist;
+mod residency;
 pub mod staging;
 pub mod state;
 

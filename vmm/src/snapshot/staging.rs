@@ -82,6 +82,19 @@ impl StagingDir {
         })
     }
 
+    /// The staging and final paths, for a process that finishes this directory (a live
+    /// snapshot's writer, see `fork.rs`), which takes it over with [`StagingDir::adopt`].
+    pub fn paths(&self) -> (PathBuf, PathBuf) {
+        (self.tmp.clone(), self.target.clone())
+    }
+
+    /// Takes over a staging directory another process created: this handle publishes it or,
+    /// dropped unpublished, removes it. The creator keeps its own handle and drops it only once
+    /// this one is done (removing a directory that was published is a no-op).
+    pub fn adopt((tmp, target): (PathBuf, PathBuf)) -> Self {
+        Self { tmp, target }
+    }
+
     /// Where to write the files.
     pub fn path(&self) -> &Path {
         &self.tmp
