@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::image::Image;
 use crate::l2::{Mapping, ALL_ALLOCATED, COMPRESSED, COPIED, L1_RESERVED_MASK, OFFSET_MASK};
+use crate::monitor::{checkpoint, Monitor, Quiet};
 use crate::raw::Storage;
 use crate::refcount::{max_refcount, set_entry, REFTABLE_OFFSET_MASK};
 
@@ -94,15 +95,25 @@ impl Walk {
 
 /// Checks `image` and optionally repairs it. The image is flushed first.
 pub fn check<S: Storage>(image: &mut Image<S>, repair: Repair) -> Result<CheckReport> {
+    check_monitored(image, repair, &mut Quiet)
+}
+
+/// [`check`] reporting its progress to `monitor` (per L2 table and per block of refcounts); a
+/// plain check (no repair) stops when the monitor asks to.
+pub fn check_monitored<S: Storage>(
+    image: &mut Image<S>,
+    repair: Repair,
+    monitor: &mut dyn Monitor,
+) -> Result<CheckReport> {
     if repair != Repair::None && image.is_read_only() {
         return Err(Error::ReadOnly);
     }
     image.flush()?;
-    let first = run(image, repair)?;
+    let first = run(image, repair, monitor)?;
     if repair == Repair::None || first.is_clean() {
         return Ok(first);
     }
-    let mut second = run(image, Repair::None)?;
+    let mut second = run(image, Repair::None, monitor)?;
     second.leaks_fixed = first.leaks.saturating_sub(second.leaks);
     // Like qemu-img: fixed corruptions are the ones the repair addressed (COPIED flags judged
     // against the repaired refcounts); `-r leaks` fixes no corruption.
@@ -131,11 +142,20 @@ fn read_table<S: Storage>(image: &mut Image<S>, offset: u64, entries: u64) -> Re
     Ok(raw.chunks_exact(8).map(BigEndian::read_u64).collect())
 }
 
-fn run<S: Storage>(image: &mut Image<S>, repair: Repair) -> Result<CheckReport> {
-    run_depth(image, repair, 0)
+fn run<S: Storage>(
+    image: &mut Image<S>,
+    repair: Repair,
+    monitor: &mut dyn Monitor,
+) -> Result<CheckReport> {
+    run_depth(image, repair, 0, monitor)
 }
 
-fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Result<CheckReport> {
+fn run_depth<S: Storage>(
+    image: &mut Image<S>,
+    repair: Repair,
+    depth: u32,
+    monitor: &mut dyn Monitor,
+) -> Result<CheckReport> {
     let cluster_size = image.cluster_size;
     let cluster_bits = image.cluster_bits;
     let file_len = image.file.len().map_err(Error::ReadHeader)?;
@@ -232,7 +252,13 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
     // Extended L2 entries are two words: the mapping and the subcluster bitmap.
     let extended = image.header.extended_l2();
     let stride = if extended { 2 } else { 1 };
-    for (&l2_offset, &(uses, _)) in &l2_uses {
+    let tables = l2_uses.len() as u64;
+    monitor.start(tables + file_clusters);
+    for (done, (&l2_offset, &(uses, _))) in l2_uses.iter().enumerate() {
+        if repair == Repair::None {
+            checkpoint(monitor)?;
+        }
+        monitor.advance(done as u64);
         let table = read_table(image, l2_offset, entries_per_l2)?;
         for (index, &entry) in table.iter().step_by(stride).enumerate() {
             let at = l2_offset + (index * stride) as u64 * 8;
@@ -351,6 +377,9 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
     let mut highest_used = 0u64;
     let max_refcount = max_refcount(image.refcounts.order());
     for cluster in 0..file_clusters {
+        if cluster % 4096 == 0 {
+            monitor.advance(tables + cluster);
+        }
         let stored = stored_refcount(image, &mut walk, cluster);
         let computed = walk.refs.get(cluster as usize).copied().unwrap_or(0);
         if stored > 0 || computed > 0 {
@@ -473,7 +502,7 @@ fn run_depth<S: Storage>(image: &mut Image<S>, repair: Repair, depth: u32) -> Re
             if !walk.fixes.is_empty() && depth < 3 {
                 apply_fixes(image, &walk.fixes)?;
                 // Entries changed: references may have changed too, so recount before rebuilding.
-                return run_depth(image, Repair::All, depth + 1).map(|mut again| {
+                return run_depth(image, Repair::All, depth + 1, monitor).map(|mut again| {
                     again.corruptions = again.corruptions.max(walk.report.corruptions);
                     again.leaks = again.leaks.max(walk.report.leaks);
                     again.fixable_corruptions = again

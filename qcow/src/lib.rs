@@ -34,7 +34,7 @@ pub mod refcount;
 pub mod snapshot;
 pub mod status;
 
-pub use check::{check, CheckReport, Repair};
+pub use check::{check, check_monitored, CheckReport, Repair};
 pub use create::{create, create_on, create_raw, CreateOptions, Preallocation};
 pub use disk::{Disk, Format, RawDisk};
 pub use error::{Corruption, Error, HeaderProblem, Result, SnapshotTableProblem};

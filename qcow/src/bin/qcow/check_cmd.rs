@@ -7,6 +7,7 @@ use qcow as lib;
 use serde::Serialize;
 
 use crate::disk::probe;
+use crate::progress::{catch_interrupts, CliMonitor};
 use crate::{to_json, Output, RepairArg};
 use lib::{CheckReport, Image, OpenOptions, Repair};
 
@@ -68,14 +69,23 @@ pub fn check(
         no_backing: true,
         ..OpenOptions::default()
     };
-    let report =
-        match Image::open(file, &options).and_then(|mut image| lib::check(&mut image, repair)) {
-            Ok(report) => report,
-            Err(e) => {
-                eprintln!("qcow: {name}: Check failed: {e}");
-                return Ok(1);
-            }
-        };
+    let report = match Image::open(file, &options).and_then(|mut image| {
+        // A progress bar on a terminal (never with -q or JSON output); Ctrl-C stops a
+        // plain check, while a repair runs to its end.
+        let mut monitor = CliMonitor::new(false, quiet || output == Output::Json);
+        if repair == Repair::None {
+            catch_interrupts();
+        }
+        let report = lib::check_monitored(&mut image, repair, &mut monitor);
+        monitor.finish();
+        report
+    }) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("qcow: {name}: Check failed: {e}");
+            return Ok(1);
+        }
+    };
     for message in &report.messages {
         eprintln!("{message}");
     }
