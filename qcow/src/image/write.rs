@@ -85,9 +85,12 @@ impl<S: Storage> Image<S> {
             return Ok(0);
         }
         let table_span = self.cluster_size << self.l2_bits;
+        // A contiguous run cannot cross into a refcount block's range that needs a new block
+        // (the block lands inside it), so runs stay well below a block's coverage.
         let limit = (len as u64 / self.cluster_size)
             .min((table_span - guest % table_span) / self.cluster_size)
-            .min(MAX_FRESH_RUN);
+            .min(MAX_FRESH_RUN)
+            .min((self.refcounts.entries_per_block() / 4).max(1));
         let mut count = 0;
         while count < limit {
             let at = guest + count * self.cluster_size;
