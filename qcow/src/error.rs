@@ -133,6 +133,8 @@ pub enum Error {
     InvalidOption(String),
     #[error("refcount of cluster {cluster} would overflow the {bits}-bit refcount width")]
     RefcountOverflow { cluster: u64, bits: u32 },
+    #[error("cannot allocate {clusters} contiguous clusters with {per_block} refcounts per refcount block (use larger clusters or narrower refcounts)")]
+    ContiguousAllocation { clusters: u64, per_block: u64 },
     #[error("image file has {clusters} clusters; checking more than {limit} is not supported")]
     CheckTooLarge { clusters: u64, limit: u64 },
     #[error(transparent)]

@@ -364,4 +364,31 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    #[test]
+    fn long_writes_with_few_refcounts_per_block() {
+        // 512-byte clusters with 64-bit refcounts: 64 refcounts per block, a block in every 64
+        // clusters, so whole-cluster runs must stay short.
+        let mut storage = MemStorage::default();
+        let options = CreateOptions {
+            size: 4 << 20,
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..CreateOptions::default()
+        };
+        create_on(&mut storage, &options).unwrap();
+        let mut image = Image::open_storage(storage, None, &OpenOptions::default()).unwrap();
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 253) as u8).collect();
+        image.write_at(&data, 4096).unwrap();
+        let mut back = vec![0u8; data.len()];
+        image.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+        let report = crate::check(&mut image, crate::Repair::None).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        // An L1 table longer than a block's coverage cannot be contiguous: a clear error.
+        assert!(matches!(
+            image.resize(1 << 30, false),
+            Err(Error::ContiguousAllocation { .. })
+        ));
+    }
 }

@@ -263,6 +263,14 @@ impl Refcounts {
     /// Allocates `count` contiguous free clusters, sets their refcounts to 1 and returns the host
     /// offset of the first. May create refcount blocks and grow the refcount table (header is updated).
     pub fn alloc<S: Storage + ?Sized>(&mut self, file: &mut S, count: u64) -> Result<u64> {
+        // A new refcount block lands inside the range it covers, so a run never spans a range
+        // that needs one: a longer run could be searched for forever.
+        if count >= self.entries_per_block {
+            return Err(Error::ContiguousAllocation {
+                clusters: count,
+                per_block: self.entries_per_block,
+            });
+        }
         let mut cluster = self.free_hint.max(1);
         let mut run_start = cluster;
         loop {
