@@ -114,16 +114,21 @@ impl FileStorage {
         (start, lead, take.min(len - lead))
     }
 
+    /// The bounce buffer, at least `len` bytes, and the file.
+    fn bounce(&mut self, len: usize) -> (&mut [u8], &File) {
+        if self.bounce.len() < len {
+            self.bounce.resize(len);
+        }
+        (&mut self.bounce.as_mut_slice()[..len], &self.file)
+    }
+
     fn direct_read(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
             let (start, lead, take) = Self::window(offset + done as u64, buf.len() - done);
             let len = (lead + take).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            if self.bounce.len() < len {
-                self.bounce.resize(len);
-            }
-            let bounce = &mut self.bounce.as_mut_slice()[..len];
-            Self::read_exact_or_zero(&self.file, bounce, start)?;
+            let (bounce, file) = self.bounce(len);
+            Self::read_exact_or_zero(file, bounce, start)?;
             buf[done..done + take].copy_from_slice(&bounce[lead..lead + take]);
             done += take;
         }
@@ -136,18 +141,15 @@ impl FileStorage {
         while done < buf.len() {
             let (start, lead, take) = Self::window(offset + done as u64, buf.len() - done);
             let len = (lead + take).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            if self.bounce.len() < len {
-                self.bounce.resize(len);
-            }
-            let bounce = &mut self.bounce.as_mut_slice()[..len];
+            let (bounce, file) = self.bounce(len);
             // Read-modify-write: only the first and last aligned blocks keep old bytes.
-            Self::read_exact_or_zero(&self.file, &mut bounce[..DIRECT_ALIGN], start)?;
+            Self::read_exact_or_zero(file, &mut bounce[..DIRECT_ALIGN], start)?;
             if len > DIRECT_ALIGN {
                 let tail = len - DIRECT_ALIGN;
-                Self::read_exact_or_zero(&self.file, &mut bounce[tail..], start + tail as u64)?;
+                Self::read_exact_or_zero(file, &mut bounce[tail..], start + tail as u64)?;
             }
             bounce[lead..lead + take].copy_from_slice(&buf[done..done + take]);
-            self.file.write_all_at(bounce, start)?;
+            file.write_all_at(bounce, start)?;
             done += take;
         }
         // The aligned writes may have extended the file past the requested end: cut it back.

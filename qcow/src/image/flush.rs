@@ -62,12 +62,7 @@ impl<S: Storage> Image<S> {
         }
         // Ordering, step 1: refcount increments and guest data become durable before any L2 entry
         // that relies on them.
-        refcount_barrier(
-            &mut self.file,
-            &mut self.refcounts,
-            self.alloc_end,
-            &mut self.known_len,
-        )?;
+        self.refcount_barrier()?;
         // Step 2: L2 tables become durable before L1 entries that point at new tables.
         if self.l2_cache.has_dirty() {
             let file = &mut self.file;

@@ -3,7 +3,6 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::flush::refcount_barrier;
 use super::Image;
 use crate::error::{Corruption, Error, Result};
 use crate::header::check_table_offset;
@@ -301,12 +300,7 @@ impl<S: Storage> Image<S> {
         };
         // Ordering: the new table and the refcounts of everything it references are durable
         // before the header points at it.
-        refcount_barrier(
-            &mut self.file,
-            &mut self.refcounts,
-            self.alloc_end,
-            &mut self.known_len,
-        )?;
+        self.refcount_barrier()?;
         let mut fields = [0u8; 24];
         BigEndian::write_u64(&mut fields[0..], size);
         BigEndian::write_u32(&mut fields[8..], self.header.crypt_method);

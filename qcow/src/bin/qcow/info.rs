@@ -240,22 +240,17 @@ fn print_human_info(info: &ImageInfo) {
             "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
         );
         for s in &info.snapshots {
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                s.vm_clock_sec / 3600,
-                (s.vm_clock_sec / 60) % 60,
-                s.vm_clock_sec % 60,
-                s.vm_clock_nsec / 1_000_000
-            );
-            let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+            let clock_nsec = s.vm_clock_sec * 1_000_000_000 + s.vm_clock_nsec;
             println!(
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-                s.id,
-                s.name,
-                human_size(s.vm_state_size),
-                utc_date(u64::from(s.date_sec)),
-                clock,
-                icount
+                "{}",
+                crate::snapshot_cmd::format_row(
+                    &s.id,
+                    &s.name,
+                    s.vm_state_size,
+                    s.date_sec,
+                    clock_nsec,
+                    s.icount
+                )
             );
         }
     }

@@ -130,21 +130,41 @@ pub fn print_list(snapshots: &[Snapshot]) {
 }
 
 fn list_row(s: &Snapshot) -> String {
-    let clock_sec = s.vm_clock_nsec / 1_000_000_000;
+    format_row(
+        &s.id,
+        &s.name,
+        s.vm_state_size,
+        s.date_sec,
+        s.vm_clock_nsec,
+        s.icount,
+    )
+}
+
+/// One line of qemu-img's snapshot table (also `info`'s).
+pub fn format_row(
+    id: &str,
+    name: &str,
+    vm_state_size: u64,
+    date_sec: u32,
+    vm_clock_nsec: u64,
+    icount: Option<u64>,
+) -> String {
+    let clock_sec = vm_clock_nsec / 1_000_000_000;
     let clock = format!(
         "{:04}:{:02}:{:02}.{:03}",
         clock_sec / 3600,
         (clock_sec / 60) % 60,
         clock_sec % 60,
-        (s.vm_clock_nsec % 1_000_000_000) / 1_000_000
+        (vm_clock_nsec % 1_000_000_000) / 1_000_000
     );
-    let icount = s.icount.map_or_else(|| "--".to_string(), |i| i.to_string());
+    // qemu-img prints "--" when icount was not recorded.
+    let icount = icount.map_or_else(|| "--".to_string(), |i| i.to_string());
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        s.id,
-        s.name,
-        human_size(s.vm_state_size),
-        utc_date(u64::from(s.date_sec)),
+        id,
+        name,
+        human_size(vm_state_size),
+        utc_date(u64::from(date_sec)),
         clock,
         icount
     )
