@@ -58,7 +58,7 @@ impl CreateOptions {
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         let bad = |what: &str| Error::InvalidOption(format!("{key}={value}: {what}"));
         match key {
-            "cluster_size" => self.cluster_size = crate::parse_size(value).map_err(|e| bad(&e))?,
+            "cluster_size" => self.cluster_size = crate::parse_size(value).map_err(|e| bad(&e.to_string()))?,
             "refcount_bits" => {
                 self.refcount_bits = value.parse().map_err(|_| bad("not a number"))?
             }
@@ -82,7 +82,7 @@ impl CreateOptions {
             }
             "backing_file" => self.backing_file = Some(value.to_string()),
             "backing_fmt" => self.backing_format = Some(value.to_string()),
-            "size" => self.size = crate::parse_size(value).map_err(|e| bad(&e))?,
+            "size" => self.size = crate::parse_size(value).map_err(|e| bad(&e.to_string()))?,
             "compression_type" if value == "zlib" => {}
             "extended_l2" => {
                 self.extended_l2 = parse_on_off(value).ok_or_else(|| bad("expected on or off"))?
