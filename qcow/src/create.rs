@@ -1,24 +1,77 @@
-//! Creating images: qcow2 (v2/v3, any cluster size and refcount width, optional backing file and
-//! metadata preallocation) and raw.
+//! Creating images: qcow2 (v2/v3, any cluster size and refcount width, extended L2 entries, zstd
+//! compression, an external data file, a backing file, every preallocation mode) and raw — the
+//! same empty image `qemu-img create` writes, refused with the same reasons in the same order.
 
-use std::fs::OpenOptions as FsOpenOptions;
+use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::path::{Path, PathBuf};
-
-use byteorder::{BigEndian, ByteOrder};
 
 use crate::error::{Error, Result};
 use crate::header::{
-    Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
+    CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
+    INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 use crate::image::{open_backing, resolve_backing_path, Image, OpenOptions};
 use crate::raw::{FileStorage, Storage};
-use crate::refcount::set_entry;
 
-/// Preallocation modes.
+mod layout;
+use layout::Layout;
+
+/// Preallocation modes (qemu-img's `preallocation=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preallocation {
+    /// Only the tables of an empty image.
     Off,
+    /// Every L2 table and data cluster is allocated; the data clusters stay holes in the file.
     Metadata,
+    /// Like `Metadata`, and the data clusters' space is reserved with `fallocate`.
+    Falloc,
+    /// Like `Metadata`, and the data clusters are written with zeros.
+    Full,
+}
+
+impl Preallocation {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+}
+
+/// Why qcow2 create options were refused, in qemu-img's words (they say what to change).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CreateProblem {
+    #[error("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")]
+    ExtendedL2NeedsV3,
+    #[error("Cluster size must be a power of two between 512 and 2048k")]
+    ClusterSize,
+    #[error("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")]
+    ExtendedL2ClusterSize,
+    #[error("Backing file and preallocation can only be used at the same time if extended_l2 is on")]
+    BackingWithPreallocation,
+    #[error("Backing format cannot be used without backing file")]
+    BackingFormatWithoutFile,
+    #[error("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)")]
+    LazyRefcountsNeedV3,
+    #[error("Refcount width must be a power of two and may not exceed 64 bits")]
+    RefcountWidth,
+    #[error("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)")]
+    RefcountWidthNeedsV3,
+    #[error("data-file-raw requires data-file")]
+    DataFileRawWithoutDataFile,
+    #[error("Backing file and data-file-raw cannot be used at the same time")]
+    BackingWithDataFileRaw,
+    #[error("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)")]
+    DataFileNeedsV3,
+    #[error("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")]
+    CompressionTypeNeedsV3,
+    #[error("The image size is too large for file format 'qcow2' (try using a larger cluster size)")]
+    TooLarge,
+    #[error("Image creation needs a size parameter")]
+    SizeMissing,
 }
 
 /// Parameters of a new qcow2 image (qemu-img's `-o` options).
@@ -26,15 +79,20 @@ pub enum Preallocation {
 pub struct CreateOptions {
     pub size: u64,
     pub cluster_size: u64,
-    pub refcount_bits: u32,
+    pub refcount_bits: u64,
     /// 2 (`compat=0.10`) or 3 (`compat=1.1`).
     pub version: u32,
     pub lazy_refcounts: bool,
     pub preallocation: Preallocation,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
-    /// Extended L2 entries (32 subclusters per cluster; v3, clusters of 16 KiB or more).
+    /// 128-bit L2 entries with 32 subclusters per cluster.
     pub extended_l2: bool,
+    pub compression_type: CompressionType,
+    /// External data file holding the guest data (relative names: next to the image).
+    pub data_file: Option<String>,
+    /// The data file stays a valid raw image of the disk (implies metadata preallocation).
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -49,143 +107,93 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             extended_l2: false,
+            compression_type: CompressionType::Deflate,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
 
 impl CreateOptions {
-    /// Applies one `key=value` option of qemu-img's qcow2 `-o` list.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        let bad = |what: &str| Error::InvalidOption(format!("{key}={value}: {what}"));
-        match key {
-            "cluster_size" => self.cluster_size = crate::parse_size(value).map_err(|e| bad(&e.to_string()))?,
-            "refcount_bits" => {
-                self.refcount_bits = value.parse().map_err(|_| bad("not a number"))?
-            }
-            "lazy_refcounts" => {
-                self.lazy_refcounts =
-                    parse_on_off(value).ok_or_else(|| bad("expected on or off"))?
-            }
-            "compat" => {
-                self.version = match value {
-                    "0.10" | "v2" => 2,
-                    "1.1" | "v3" => 3,
-                    _ => return Err(bad("expected 0.10 or 1.1")),
-                }
-            }
-            "preallocation" => {
-                self.preallocation = match value {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    _ => return Err(bad("supported modes are off and metadata")),
-                }
-            }
-            "backing_file" => self.backing_file = Some(value.to_string()),
-            "backing_fmt" => self.backing_format = Some(value.to_string()),
-            "size" => self.size = crate::parse_size(value).map_err(|e| bad(&e.to_string()))?,
-            "compression_type" if value == "zlib" => {}
-            "extended_l2" => {
-                self.extended_l2 = parse_on_off(value).ok_or_else(|| bad("expected on or off"))?
-            }
-            _ => {
-                return Err(Error::InvalidOption(format!(
-                    "unsupported option '{key}={value}'"
-                )))
-            }
-        }
-        Ok(())
-    }
-
-    fn validate(&self) -> Result<u32> {
-        if !self.cluster_size.is_power_of_two() {
-            return Err(Error::InvalidOption(format!(
-                "cluster size {} must be a power of two between 512 and 2M",
-                self.cluster_size
-            )));
+    /// Checks the options in the order qemu-img does, so the first problem reported is the same.
+    pub fn validate(&self) -> std::result::Result<u32, CreateProblem> {
+        if self.extended_l2 && self.version < 3 {
+            return Err(CreateProblem::ExtendedL2NeedsV3);
         }
         let cluster_bits = self.cluster_size.trailing_zeros();
-        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::InvalidOption(format!(
-                "cluster size {} must be a power of two between 512 and 2M",
-                self.cluster_size
-            )));
-        }
-        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
-            return Err(Error::InvalidOption(
-                "refcount width must be a power of two and may not exceed 64 bits".into(),
-            ));
-        }
-        if self.version < 3 && self.refcount_bits != 16 {
-            return Err(Error::InvalidOption(
-                "different refcount widths than 16 bits require compatibility level 1.1 or above"
-                    .into(),
-            ));
-        }
-        if self.extended_l2 && self.version < 3 {
-            return Err(Error::InvalidOption(
-                "Extended L2 entries are only supported with compatibility level 1.1 and above"
-                    .into(),
-            ));
+        if !self.cluster_size.is_power_of_two()
+            || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
+        {
+            return Err(CreateProblem::ClusterSize);
         }
         if self.extended_l2 && self.cluster_size < 16384 {
-            return Err(Error::InvalidOption(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
-                    .into(),
-            ));
+            return Err(CreateProblem::ExtendedL2ClusterSize);
         }
-        // With extended L2 entries a preallocated cluster's subclusters stay unallocated and
-        // read from the backing file, so the two can go together (as in QEMU).
         if self.backing_file.is_some()
             && self.preallocation != Preallocation::Off
             && !self.extended_l2
         {
-            return Err(Error::InvalidOption(
-                "backing file and preallocation cannot be used at the same time (preallocated \
-                 clusters would hide the backing file's data)"
-                    .into(),
-            ));
+            return Err(CreateProblem::BackingWithPreallocation);
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return Err(CreateProblem::BackingFormatWithoutFile);
         }
         if self.version < 3 && self.lazy_refcounts {
-            return Err(Error::InvalidOption(
-                "lazy refcounts only supported with compatibility level 1.1 and above".into(),
-            ));
+            return Err(CreateProblem::LazyRefcountsNeedV3);
         }
-        if Header::l1_entries_with(self.size, cluster_bits, self.l2_bits(cluster_bits)) * 8
-            > MAX_L1_BYTES
-        {
-            return Err(Error::InvalidOption(format!(
-                "image size {} is too big for cluster size {}",
-                self.size, self.cluster_size
-            )));
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(CreateProblem::RefcountWidth);
+        }
+        if self.version < 3 && self.refcount_bits != 16 {
+            return Err(CreateProblem::RefcountWidthNeedsV3);
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(CreateProblem::DataFileRawWithoutDataFile);
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(CreateProblem::BackingWithDataFileRaw);
+        }
+        if self.data_file.is_some() && self.version < 3 {
+            return Err(CreateProblem::DataFileNeedsV3);
+        }
+        if self.compression_type != CompressionType::Deflate && self.version < 3 {
+            return Err(CreateProblem::CompressionTypeNeedsV3);
+        }
+        if self.l1_entries(cluster_bits) * 8 > MAX_L1_BYTES {
+            return Err(CreateProblem::TooLarge);
         }
         Ok(cluster_bits)
     }
-}
 
-impl CreateOptions {
-    /// log2 of the entries per L2 table.
-    fn l2_bits(&self, cluster_bits: u32) -> u32 {
-        if self.extended_l2 {
-            cluster_bits - 4
-        } else {
-            cluster_bits - 3
-        }
+    /// The virtual size: like qemu-img, whole 512-byte sectors.
+    pub fn rounded_size(&self) -> u64 {
+        self.size.div_ceil(512) * 512
+    }
+
+    fn l1_entries(&self, cluster_bits: u32) -> u64 {
+        let entry_bits = if self.extended_l2 { 4 } else { 3 };
+        let bytes_per_l2 = 1u64 << (cluster_bits + cluster_bits - entry_bits);
+        self.rounded_size().div_ceil(bytes_per_l2)
+    }
+
+    /// Data clusters are preallocated (explicitly, or because the data file must stay raw).
+    fn preallocates(&self) -> bool {
+        self.preallocation != Preallocation::Off || self.data_file_raw
     }
 }
 
-fn parse_on_off(value: &str) -> Option<bool> {
-    match value {
-        "on" | "yes" | "true" => Some(true),
-        "off" | "no" | "false" => Some(false),
-        _ => None,
+impl From<CreateProblem> for Error {
+    fn from(problem: CreateProblem) -> Error {
+        Error::InvalidOption(problem)
     }
 }
 
 /// The size of the backing file named by `options`, opened relative to `image_path`.
 pub fn backing_size(image_path: &Path, options: &CreateOptions) -> Result<u64> {
-    let name = options.backing_file.as_deref().ok_or_else(|| {
-        Error::InvalidOption("image size is required without a backing file".into())
-    })?;
+    let name = options
+        .backing_file
+        .as_deref()
+        .ok_or(CreateProblem::SizeMissing)?;
     let path = resolve_backing_path(Some(image_path), name);
     Ok(open_backing(&path, options.backing_format.as_deref(), 0)?.size())
 }
@@ -205,7 +213,34 @@ pub fn create_with(path: &Path, options: &CreateOptions, check_backing: bool) ->
         let backing_path = resolve_backing_path(Some(path), name);
         open_backing(&backing_path, options.backing_format.as_deref(), 0)?;
     }
-    let file = FsOpenOptions::new()
+    let file = create_file(path)?;
+    let mut storage = FileStorage::new(file);
+    if let Some(name) = &options.data_file {
+        let data_path = resolve_backing_path(Some(path), name);
+        let data = create_file(&data_path)?;
+        preallocate_file(&data, &data_path, 0, options.rounded_size(), options.preallocation)?;
+    }
+    let data_area = create_on(&mut storage, options)?;
+    drop(storage);
+    if let Some((start, end)) = data_area {
+        let file = FsOpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|source| Error::CreateFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        preallocate_file(&file, path, start, end, options.preallocation)?;
+    } else if options.preallocates() && options.data_file.is_none() {
+        let mut image = Image::open(path, &OpenOptions::default())?;
+        image.preallocate_metadata()?;
+        image.close()?;
+    }
+    Ok(())
+}
+
+fn create_file(path: &Path) -> Result<File> {
+    FsOpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -214,25 +249,56 @@ pub fn create_with(path: &Path, options: &CreateOptions, check_backing: bool) ->
         .map_err(|source| Error::CreateFile {
             path: path.to_path_buf(),
             source,
-        })?;
-    let mut storage = FileStorage::new(file);
-    create_on(&mut storage, options)?;
-    drop(storage);
-    if options.preallocation == Preallocation::Metadata {
-        let mut image = Image::open(path, &OpenOptions::default())?;
-        image.preallocate_metadata()?;
-    }
-    Ok(())
+        })
 }
 
-/// Writes an empty qcow2 image onto `storage`: header, refcount table, refcount block(s), L1 table
-/// — QEMU's layout for the common case.
-pub fn create_on<S: Storage + ?Sized>(storage: &mut S, options: &CreateOptions) -> Result<()> {
+/// Sizes `file` to `end` and reserves (`Falloc`) or zero-fills (`Full`) `[start, end)`.
+fn preallocate_file(
+    file: &File,
+    path: &Path,
+    start: u64,
+    end: u64,
+    mode: Preallocation,
+) -> Result<()> {
+    let fail = |source: std::io::Error| Error::CreateFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if file.metadata().map_err(fail)?.len() < end {
+        file.set_len(end).map_err(fail)?;
+    }
+    match mode {
+        Preallocation::Off | Preallocation::Metadata => Ok(()),
+        Preallocation::Falloc => {
+            rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), start, end - start)
+                .map_err(|e| fail(e.into()))
+        }
+        Preallocation::Full => {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at).map_err(fail)?;
+                at += n as u64;
+            }
+            file.sync_all().map_err(fail)
+        }
+    }
+}
+
+/// Writes a new qcow2 image onto `storage` in QEMU's layout: header, refcount table, refcount
+/// block(s), the L1 table (only its own bytes, so the file ends where qemu-img's does), plus
+/// whatever preallocation adds to the tables (metadata preallocation of an image without a data
+/// file is done afterwards through [`Image`]). Returns the data area `falloc`/`full` must fill.
+pub fn create_on<S: Storage + ?Sized>(
+    storage: &mut S,
+    options: &CreateOptions,
+) -> Result<Option<(u64, u64)>> {
     let cluster_bits = options.validate()?;
     let cluster_size = options.cluster_size;
     let refcount_order = options.refcount_bits.trailing_zeros();
-    // Like qemu-img, the virtual size is a whole number of 512-byte sectors.
-    let size = options.size.div_ceil(512) * 512;
+    let size = options.rounded_size();
     let mut header = Header::new(options.version, cluster_bits, refcount_order, size);
     if options.version >= 3 && cluster_size > 4096 {
         header.feature_names = Header::default_feature_names();
@@ -243,72 +309,67 @@ pub fn create_on<S: Storage + ?Sized>(storage: &mut S, options: &CreateOptions) 
     if options.extended_l2 {
         header.incompatible_features |= INCOMPAT_EXTL2;
     }
+    if options.compression_type != CompressionType::Deflate {
+        header.incompatible_features |= INCOMPAT_COMPRESSION;
+        header.compression_type = options.compression_type;
+    }
+    if options.data_file.is_some() {
+        header.incompatible_features |= INCOMPAT_DATA_FILE;
+        header.data_file = options.data_file.clone();
+        if options.data_file_raw {
+            header.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
+        }
+    }
     header.backing_file = options.backing_file.clone();
     header.backing_format = options.backing_format.clone();
-    let l1_entries = Header::l1_entries_with(size, cluster_bits, options.l2_bits(cluster_bits));
-    let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
-    let entries_per_block = (cluster_size * 8) >> refcount_order;
-    // Fixed point: header + table + blocks + L1 must all be covered by the blocks.
-    let mut table_clusters = 1u64;
-    let mut blocks = 1u64;
-    loop {
-        let total = 1 + table_clusters + blocks + l1_clusters;
-        let need_blocks = total.div_ceil(entries_per_block);
-        let need_table = (need_blocks * 8).div_ceil(cluster_size);
-        if need_blocks <= blocks && need_table <= table_clusters {
-            break;
-        }
-        blocks = blocks.max(need_blocks);
-        table_clusters = table_clusters.max(need_table);
+    let l1_entries = options.l1_entries(cluster_bits);
+    let entry_words = if options.extended_l2 { 2 } else { 1 };
+    let guest_clusters = size.div_ceil(cluster_size);
+    let identity = options.data_file.is_some() && options.preallocates();
+    let extra = if identity { l1_entries } else { 0 };
+    let mut layout = Layout::empty(cluster_bits, refcount_order, l1_entries, entry_words, extra);
+    if identity {
+        layout.map_identity(guest_clusters);
+    } else if matches!(
+        options.preallocation,
+        Preallocation::Falloc | Preallocation::Full
+    ) {
+        layout.preallocate_data(guest_clusters)?;
     }
-    let total = 1 + table_clusters + blocks + l1_clusters;
-    header.refcount_table_offset = cluster_size;
-    header.refcount_table_clusters = table_clusters as u32;
-    header.l1_table_offset = (1 + table_clusters + blocks) * cluster_size;
-    header.l1_size = l1_entries as u32;
-    let mut cluster0 = header.encode()?;
-    cluster0.resize(cluster_size as usize, 0);
-    let write = |storage: &mut S, data: &[u8], at: u64| {
-        storage.write_at(data, at).map_err(Error::WriteHeader)
+    header.refcount_table_offset = layout.reftable_cluster << cluster_bits;
+    header.refcount_table_clusters = layout.reftable_clusters as u32;
+    // An empty disk has no L1 table at all.
+    header.l1_table_offset = if l1_entries == 0 {
+        0
+    } else {
+        layout.l1_cluster << cluster_bits
     };
-    let mut table = vec![0u8; (table_clusters * cluster_size) as usize];
-    for b in 0..blocks {
-        let offset = (1 + table_clusters + b) * cluster_size;
-        BigEndian::write_u64(&mut table[(b * 8) as usize..], offset);
-        let mut block = vec![0u8; cluster_size as usize];
-        for i in 0..entries_per_block {
-            if b * entries_per_block + i < total {
-                set_entry(&mut block, i as usize, refcount_order, 1);
-            }
-        }
-        write(storage, &block, offset)?;
-    }
-    write(storage, &table, cluster_size)?;
-    let l1 = vec![0u8; (l1_clusters * cluster_size) as usize];
-    write(storage, &l1, header.l1_table_offset)?;
-    // Ordering: tables first, the header that points at them last.
-    storage.flush().map_err(Error::Flush)?;
-    write(storage, &cluster0, 0)?;
-    storage.flush().map_err(Error::Flush)
+    header.l1_size = l1_entries as u32;
+    layout.write(storage, header.encode()?)?;
+    Ok(layout
+        .data_area
+        .map(|(start, count)| (start << cluster_bits, (start + count) << cluster_bits)))
 }
 
-/// Creates a raw image of `size` bytes.
+/// Creates a raw image of `size` bytes (rounded up to whole sectors, like qemu-img), preallocated
+/// as asked (`Metadata` is not a raw mode; callers refuse it).
 pub fn create_raw(path: &Path, size: u64) -> Result<()> {
+    create_raw_with(path, size, Preallocation::Off)
+}
+
+/// [`create_raw`] with a preallocation mode (`Off`, `Falloc` or `Full`).
+pub fn create_raw_with(path: &Path, size: u64, preallocation: Preallocation) -> Result<()> {
     let file = FsOpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)
         .map_err(|source| Error::CreateFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    // Whole 512-byte sectors, like qemu-img.
-    file.set_len(size.div_ceil(512) * 512)
-        .map_err(|source| Error::CreateFile {
             path: PathBuf::from(path),
             source,
-        })
+        })?;
+    let end = size.div_ceil(512) * 512;
+    preallocate_file(&file, path, 0, end, preallocation)
 }
 
 #[cfg(test)]
@@ -329,7 +390,8 @@ mod tests {
         assert_eq!(header.l1_table_offset, 0x30000);
         assert_eq!(header.l1_size, 1);
         assert_eq!(header.header_length, 112);
-        assert_eq!(storage.data.len(), 4 * 0x10000);
+        // qemu-img writes only the L1 table's own 8 bytes.
+        assert_eq!(storage.data.len(), 3 * 0x10000 + 8);
         // Refcount block at cluster 2 counts clusters 0..=3.
         let block = &storage.data[0x20000..0x20010];
         assert_eq!(block, &[0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -354,21 +416,51 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_options() {
-        let mut options = CreateOptions {
+    fn problems_are_found_in_qemu_img_order() {
+        let base = CreateOptions {
             size: 1 << 20,
             ..CreateOptions::default()
         };
-        assert!(options.set("cluster_size", "3000").is_ok());
-        assert!(options.validate().is_err());
-        let mut options = CreateOptions {
-            size: 1 << 20,
-            ..CreateOptions::default()
-        };
-        options.set("compat", "0.10").unwrap();
-        options.set("refcount_bits", "8").unwrap();
-        assert!(options.validate().is_err());
-        assert!(options.set("preallocation", "full").is_err());
-        assert!(options.set("nonsense", "1").is_err());
+        let problem = |options: CreateOptions| options.validate().unwrap_err();
+        assert_eq!(
+            problem(CreateOptions {
+                cluster_size: 3000,
+                ..base.clone()
+            }),
+            CreateProblem::ClusterSize
+        );
+        // Both wrong: the refcount width is judged before the compatibility level.
+        assert_eq!(
+            problem(CreateOptions {
+                version: 2,
+                refcount_bits: 3,
+                ..base.clone()
+            }),
+            CreateProblem::RefcountWidth
+        );
+        assert_eq!(
+            problem(CreateOptions {
+                version: 2,
+                extended_l2: true,
+                cluster_size: 512,
+                ..base.clone()
+            }),
+            CreateProblem::ExtendedL2NeedsV3
+        );
+        assert_eq!(
+            problem(CreateOptions {
+                size: 1 << 50,
+                cluster_size: 512,
+                ..base.clone()
+            }),
+            CreateProblem::TooLarge
+        );
+        assert_eq!(
+            problem(CreateOptions {
+                data_file_raw: true,
+                ..base
+            }),
+            CreateProblem::DataFileRawWithoutDataFile
+        );
     }
 }

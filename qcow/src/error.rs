@@ -129,8 +129,8 @@ pub enum Error {
     BackingChainTooDeep(usize),
     #[error("unsupported image format '{0}' (qcow2 or raw)")]
     UnsupportedFormat(String),
-    #[error("invalid create option: {0}")]
-    InvalidOption(String),
+    #[error("{0}")]
+    InvalidOption(crate::create::CreateProblem),
     #[error("refcount of cluster {cluster} would overflow the {bits}-bit refcount width")]
     RefcountOverflow { cluster: u64, bits: u32 },
     #[error("cannot allocate {clusters} contiguous clusters with {per_block} refcounts per refcount block (use larger clusters or narrower refcounts)")]

@@ -33,6 +33,9 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_F857;
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Autoclear bit 1: the external data file is valid as a raw image on its own.
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 const V2_HEADER_LEN: u32 = 72;
 const V3_MIN_HEADER_LEN: u32 = 104;
@@ -88,6 +91,8 @@ pub struct Header {
     pub unknown_header_fields: Vec<u8>,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// Name of the external data file (header extension `DATA`).
+    pub data_file: Option<String>,
     pub feature_names: Vec<FeatureName>,
     /// Extensions this version does not understand; rewritten verbatim.
     pub unknown_extensions: Vec<(u32, Vec<u8>)>,
@@ -120,6 +125,7 @@ impl Header {
             unknown_header_fields: Vec::new(),
             backing_file: None,
             backing_format: None,
+            data_file: None,
             feature_names: Vec::new(),
             unknown_extensions: Vec::new(),
         }
@@ -286,6 +292,9 @@ impl Header {
                     }
                     self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
                 }
+                EXT_DATA_FILE => {
+                    self.data_file = Some(String::from_utf8_lossy(data).into_owned());
+                }
                 EXT_FEATURE_TABLE => {
                     self.feature_names = data
                         .chunks_exact(48)
@@ -425,6 +434,9 @@ impl Header {
         };
         if let Some(format) = &self.backing_format {
             push_ext(&mut buf, EXT_BACKING_FORMAT, format.as_bytes());
+        }
+        if let Some(name) = &self.data_file {
+            push_ext(&mut buf, EXT_DATA_FILE, name.as_bytes());
         }
         if !self.feature_names.is_empty() {
             let mut table = Vec::with_capacity(self.feature_names.len() * 48);

@@ -13,6 +13,7 @@
 
 pub mod amend;
 pub mod backing;
+pub mod bitmap;
 pub mod cache;
 pub mod check;
 pub mod commit;

@@ -7,18 +7,32 @@
 mod bench;
 #[path = "qcow/check_cmd.rs"]
 mod check_cmd;
+#[path = "qcow/create_cmd.rs"]
+mod create_cmd;
 #[path = "qcow/convert_cmd.rs"]
 mod convert_cmd;
 #[path = "qcow/disk.rs"]
 mod disk;
+#[path = "qcow/dropin.rs"]
+mod dropin;
+#[path = "qcow/getopt.rs"]
+mod getopt;
+#[path = "qcow/image_arg.rs"]
+mod image_arg;
 #[path = "qcow/info.rs"]
 mod info;
 #[path = "qcow/io_cmd.rs"]
 mod io_cmd;
+#[path = "qcow/map_cmd.rs"]
+mod map_cmd;
 #[path = "qcow/ops_cmd.rs"]
 mod ops_cmd;
+#[path = "qcow/prog.rs"]
+mod prog;
 #[path = "qcow/progress.rs"]
 mod progress;
+#[path = "qcow/qemu_opts.rs"]
+mod qemu_opts;
 #[path = "qcow/snapshot_cmd.rs"]
 mod snapshot_cmd;
 
@@ -30,8 +44,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use bench::BenchOptions;
-use disk::{open_disk, probe};
-use lib::{CreateOptions, Image, OpenOptions, Storage};
+use disk::open_disk;
+use lib::OpenOptions;
 use qcow as lib;
 
 #[derive(Parser, Debug)]
@@ -59,64 +73,6 @@ pub(crate) enum RepairArg {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create an image: qcow create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTS] FILE [SIZE]
-    Create {
-        #[arg(short = 'f', default_value = "qcow2")]
-        format: String,
-        /// Backing file (relative names are resolved against FILE's directory).
-        #[arg(short = 'b')]
-        backing: Option<String>,
-        /// Backing file format (qcow2 or raw).
-        #[arg(short = 'F', short_alias = 'B', long = "backing-format")]
-        backing_format: Option<String>,
-        /// cluster_size=..,refcount_bits=..,lazy_refcounts=on|off,compat=0.10|1.1,preallocation=off|metadata
-        #[arg(short = 'o')]
-        options: Vec<String>,
-        /// Do not open the backing file (SIZE is then required).
-        #[arg(short = 'u')]
-        unsafe_backing: bool,
-        #[arg(short = 'q')]
-        quiet: bool,
-        file: PathBuf,
-        /// Size with optional k/M/G/T suffix; defaults to the backing file's size.
-        size: Option<String>,
-    },
-    /// Show image information.
-    Info {
-        #[arg(short = 'f')]
-        format: Option<String>,
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-        #[arg(long = "backing-chain")]
-        backing_chain: bool,
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        file: PathBuf,
-    },
-    /// Check consistency; exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only.
-    Check {
-        #[arg(short = 'f')]
-        format: Option<String>,
-        #[arg(short = 'r', value_enum)]
-        repair: Option<RepairArg>,
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-        #[arg(short = 'q')]
-        quiet: bool,
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        file: PathBuf,
-    },
-    /// Print the allocation map of the whole backing chain.
-    Map {
-        #[arg(short = 'f')]
-        format: Option<String>,
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        file: PathBuf,
-    },
     /// Run qemu-io style commands: -c 'read [-P PAT] OFF LEN', 'write [-P PAT] [-z] OFF LEN',
     /// 'discard OFF LEN', 'flush'.
     Io {
@@ -348,6 +304,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
+    prog::init(args.first().map(String::as_str).unwrap_or("qcow"));
+    if let Some(code) = dropin::dispatch(&args, |name| {
+        <Cli as clap::CommandFactory>::command()
+            .find_subcommand(name)
+            .is_some()
+    }) {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -359,7 +326,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qcow: {}", describe(&e));
+            eprintln!("{}: {}", prog::name(), describe(&e));
             ExitCode::from(1)
         }
     }
@@ -384,46 +351,6 @@ fn describe(error: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Create {
-            format,
-            backing,
-            backing_format,
-            options,
-            unsafe_backing,
-            quiet,
-            file,
-            size,
-        } => create(
-            &format,
-            backing,
-            backing_format,
-            &options,
-            unsafe_backing,
-            quiet,
-            &file,
-            size.as_deref(),
-        ),
-        Command::Info {
-            format,
-            output,
-            backing_chain,
-            file,
-            ..
-        } => info::info(format.as_deref(), output, backing_chain, &file),
-        Command::Check {
-            format,
-            repair,
-            output,
-            quiet,
-            file,
-            ..
-        } => check_cmd::check(format.as_deref(), repair, output, quiet, &file),
-        Command::Map {
-            format,
-            output,
-            file,
-            ..
-        } => map(format.as_deref(), output, &file),
         Command::Io {
             commands,
             format,
@@ -597,125 +524,43 @@ fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn parse_size_arg(text: &str) -> Result<u64> {
-    lib::parse_size(text).map_err(anyhow::Error::msg)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn create(
-    format: &str,
-    backing: Option<String>,
-    backing_format: Option<String>,
-    options: &[String],
-    unsafe_backing: bool,
-    quiet: bool,
-    file: &Path,
-    size: Option<&str>,
-) -> Result<u8> {
-    let name = file.display();
-    let size = size
-        .map(parse_size_arg)
-        .transpose()
-        .with_context(|| format!("{name}"))?;
-    match format {
-        "raw" => {
-            if backing.is_some() {
-                bail!("{name}: raw images cannot have a backing file");
-            }
-            let size = size.with_context(|| format!("{name}: image size must be given"))?;
-            lib::create_raw(file, size)?;
-            if !quiet {
-                println!("Formatting '{name}', fmt=raw size={size}");
-            }
-            return Ok(0);
-        }
-        "qcow2" => {}
-        other => bail!("{name}: unsupported format '{other}' (qcow2 or raw)"),
-    }
-    let mut create_options = CreateOptions {
-        backing_file: backing,
-        backing_format,
-        ..CreateOptions::default()
-    };
-    for list in options {
-        for item in list.split(',').filter(|s| !s.is_empty()) {
-            let (key, value) = item.split_once('=').unwrap_or((item, "on"));
-            create_options
-                .set(key, value)
-                .with_context(|| format!("{name}"))?;
-        }
-    }
-    if create_options.backing_file.is_some()
-        && create_options.backing_format.is_none()
-        && !unsafe_backing
-    {
-        let backing_path = lib::image::resolve_backing_path(
-            Some(file),
-            create_options.backing_file.as_deref().unwrap_or(""),
-        );
-        create_options.backing_format =
-            Some(probe(&backing_path).with_context(|| format!("{name}: backing file"))?);
-    }
-    create_options.size = match size {
-        Some(size) => size,
-        None if create_options.backing_file.is_some() && !unsafe_backing => {
-            lib::create::backing_size(file, &create_options).with_context(|| format!("{name}"))?
-        }
-        None => bail!("{name}: image size must be given"),
-    };
-    lib::create::create_with(file, &create_options, !unsafe_backing)
-        .with_context(|| format!("{name}"))?;
-    if !quiet {
-        let mut banner = format!(
-            "Formatting '{name}', fmt=qcow2 cluster_size={} extended_l2={} compression_type=zlib size={}",
-            create_options.cluster_size,
-            if create_options.extended_l2 { "on" } else { "off" },
-            create_options.size
-        );
-        if let Some(b) = &create_options.backing_file {
-            banner += &format!(" backing_file={b}");
-        }
-        if let Some(f) = &create_options.backing_format {
-            banner += &format!(" backing_fmt={f}");
-        }
-        if create_options.version == 2 {
-            banner += " compat=0.10";
-        }
-        banner += &format!(
-            " lazy_refcounts={} refcount_bits={}",
-            if create_options.lazy_refcounts {
-                "on"
-            } else {
-                "off"
-            },
-            create_options.refcount_bits
-        );
-        println!("{banner}");
-    }
-    Ok(0)
-}
-
-/// qemu's `size_to_str`: three significant digits and a binary unit.
+/// qemu's `size_to_str`: the value in the largest binary unit that keeps it below 1000, printed
+/// like C's `%0.3g` (three significant digits, so 1023.5 KiB is `1e+03 KiB`).
 pub fn human_size(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut unit = 0;
-    let mut value = bytes as f64;
-    while value >= 1000.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let digits = if value >= 100.0 {
+    // frexp's exponent of bytes * 1024 / 1000, minus one, divided by ten.
+    let scaled = bytes as f64 / (1000.0 / 1024.0);
+    let exponent = if scaled == 0.0 {
         0
-    } else if value >= 10.0 {
-        1
     } else {
-        2
+        // frexp: scaled = m * 2^exponent with 0.5 <= m < 1 (read off the IEEE exponent field).
+        ((scaled.to_bits() >> 52) & 0x7ff) as i64 - 1022
     };
-    let mut text = format!("{value:.digits$}");
-    if text.contains('.') {
-        text = text.trim_end_matches('0').trim_end_matches('.').to_string();
+    let unit = (((exponent - 1).max(0)) / 10).min(6) as usize;
+    let value = bytes as f64 / (1u64 << (unit * 10)) as f64;
+    format!("{} {}", format_g3(value), units[unit])
+}
+
+/// C's `%0.3g`.
+fn format_g3(value: f64) -> String {
+    if value == 0.0 {
+        return "0".into();
     }
-    format!("{text} {}", units[unit])
+    let scientific = format!("{value:.2e}");
+    let (mantissa, exp) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..3).contains(&exp) {
+        let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exp.abs());
+    }
+    let precision = (2 - exp).max(0) as usize;
+    let text = format!("{value:.precision$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    }
 }
 
 pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String> {
@@ -746,95 +591,6 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String> {
     Ok(lines.join("\n"))
 }
 
-fn map(format: Option<&str>, output: Output, file: &Path) -> Result<u8> {
-    let name = file.display().to_string();
-    let format = match format {
-        Some(f) => f.to_string(),
-        None => probe(file)?,
-    };
-    let entries = if format == "raw" {
-        let handle = std::fs::File::open(file).with_context(|| format!("cannot open {name}"))?;
-        let mut storage = lib::FileStorage::new(handle);
-        let size = storage
-            .len()
-            .with_context(|| format!("cannot read {name}"))?;
-        let mut entries: Vec<lib::MapEntry> = Vec::new();
-        let mut offset = 0;
-        while offset < size {
-            let (is_data, run) = storage
-                .extent_at(offset, size - offset)
-                .with_context(|| format!("cannot read {name}"))?;
-            let entry = lib::MapEntry {
-                start: offset,
-                length: run.max(1),
-                depth: 0,
-                present: true,
-                zero: !is_data,
-                data: is_data,
-                compressed: false,
-                offset: Some(offset),
-                file: Some(file.to_path_buf()),
-            };
-            offset += entry.length;
-            entries.push(entry);
-        }
-        entries
-    } else {
-        let options = OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        };
-        let mut image = Image::open(file, &options).with_context(|| name.clone())?;
-        lib::map(&mut image).with_context(|| name.clone())?
-    };
-    match output {
-        Output::Json => {
-            let lines: Vec<String> = entries
-                .iter()
-                .map(|e| {
-                    let mut line = format!(
-                        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-                        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
-                    );
-                    if let Some(offset) = e.offset {
-                        line += &format!(", \"offset\": {offset}");
-                    }
-                    line + "}"
-                })
-                .collect();
-            println!("[{}]", lines.join(",\n"));
-        }
-        Output::Human => {
-            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-            let hex = |v: u64| {
-                if v == 0 {
-                    "0".to_string()
-                } else {
-                    format!("{v:#x}")
-                }
-            };
-            for e in entries.iter().filter(|e| e.data) {
-                if e.offset.is_none() {
-                    bail!("{name}: File contains external, encrypted or compressed clusters.");
-                }
-                let file = e
-                    .file
-                    .as_ref()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_default();
-                println!(
-                    "{:<16}{:<16}{:<16}{}",
-                    hex(e.start),
-                    hex(e.length),
-                    hex(e.offset.unwrap_or(0)),
-                    file
-                );
-            }
-        }
-    }
-    Ok(0)
-}
-
 fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -> Result<u8> {
     let name = file.display().to_string();
     let parsed: Vec<io_cmd::Command> = commands
@@ -860,13 +616,13 @@ fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -
     let mut failed = false;
     for (command, text) in parsed.iter().zip(commands) {
         if let Err(e) = io_cmd::run(&mut disk, command) {
-            eprintln!("qcow: {name}: '{text}': {}", describe(&e));
+            eprintln!("{}: {name}: '{text}': {}", prog::name(), describe(&e));
             failed = true;
         }
     }
     if !read_only {
         if let Err(e) = disk.close() {
-            eprintln!("qcow: {name}: flush failed: {}", describe(&e.into()));
+            eprintln!("{}: {name}: flush failed: {}", prog::name(), describe(&e.into()));
             failed = true;
         }
     }
@@ -885,5 +641,11 @@ mod tests {
         assert_eq!(human_size(3 << 29), "1.5 GiB");
         assert_eq!(human_size(512), "512 B");
         assert_eq!(human_size(200704), "196 KiB");
+        assert_eq!(human_size(197120), "192 KiB");
+        assert_eq!(human_size(1_023_488), "1e+03 KiB");
+        assert_eq!(human_size(1_023_487), "999 KiB");
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1000), "0.977 KiB");
     }
 }

@@ -1,15 +1,107 @@
-//! `qcow check`: qemu-img check's counters, messages, JSON and exit codes.
+//! `check`: qemu-img check's counters, messages, JSON and exit codes.
 
-use std::path::Path;
-
-use anyhow::Result;
 use qcow as lib;
 use serde::Serialize;
 
-use crate::disk::probe;
+use crate::getopt::{self, OptSpec};
+use crate::image_arg::{self, ImageSpec};
+use crate::map_cmd::{image_operand, parse_output};
+use crate::prog::Fail;
 use crate::progress::{catch_interrupts, CliMonitor};
-use crate::{to_json, Output, RepairArg};
-use lib::{CheckReport, Image, OpenOptions, Repair};
+use crate::to_json;
+use lib::{CheckReport, Format, Image, OpenOptions, Repair};
+
+const SPECS: &[OptSpec] = &[
+    OptSpec {
+        short: Some('h'),
+        long: &["help"],
+        takes_value: false,
+        key: "help",
+    },
+    OptSpec {
+        short: Some('f'),
+        long: &["format"],
+        takes_value: true,
+        key: "format",
+    },
+    OptSpec {
+        short: None,
+        long: &["output"],
+        takes_value: true,
+        key: "output",
+    },
+    OptSpec {
+        short: Some('r'),
+        long: &["repair"],
+        takes_value: true,
+        key: "repair",
+    },
+    OptSpec {
+        short: Some('T'),
+        long: &["cache"],
+        takes_value: true,
+        key: "cache",
+    },
+    OptSpec {
+        short: None,
+        long: &["object"],
+        takes_value: true,
+        key: "object",
+    },
+    OptSpec {
+        short: None,
+        long: &["image-opts"],
+        takes_value: false,
+        key: "image-opts",
+    },
+    OptSpec {
+        short: Some('U'),
+        long: &["force-share"],
+        takes_value: false,
+        key: "force-share",
+    },
+    OptSpec {
+        short: Some('q'),
+        long: &["quiet"],
+        takes_value: false,
+        key: "quiet",
+    },
+];
+
+const USAGE: &str = "Usage: qemu-img check [-f FMT | --image-opts] [-T CACHE_MODE] [-r leaks|all]
+        [--output human|json] [--object OBJDEF] [-q] [-U] FILENAME";
+
+pub fn run(args: &[String]) -> Result<u8, Fail> {
+    let parsed = getopt::parse(args, SPECS).map_err(Fail::Getopt)?;
+    if parsed.has("help") {
+        println!("{USAGE}");
+        return Ok(0);
+    }
+    let json = parse_output(&parsed)?;
+    let repair = match parsed.last("repair") {
+        None => Repair::None,
+        Some("leaks") => Repair::Leaks,
+        Some("all") => Repair::All,
+        Some(other) => {
+            return Err(Fail::Usage(format!(
+                "--repair (-r) expects 'leaks' or 'all' not '{other}'"
+            )))
+        }
+    };
+    if let Some(cache) = parsed.last("cache") {
+        if crate::disk::CacheMode::parse(cache).is_err() {
+            return Err(Fail::Report(format!("Invalid source cache option: {cache}")));
+        }
+    }
+    let spec = image_operand(&parsed)?;
+    if parsed.has("force-share") && repair != Repair::None {
+        return Err(Fail::Report(format!(
+            "Could not open '{}': force-share=on can only be used with read-only images",
+            spec.arg
+        )));
+    }
+    check(&spec, repair, json, parsed.has("quiet"))
+}
 
 #[derive(Serialize)]
 /// Field order follows qemu-img's output (its dictionary's hash order).
@@ -42,62 +134,48 @@ fn is_zero(value: &u64) -> bool {
     *value == 0
 }
 
-pub fn check(
-    format: Option<&str>,
-    repair: Option<RepairArg>,
-    output: Output,
-    quiet: bool,
-    file: &Path,
-) -> Result<u8> {
-    let name = file.display().to_string();
-    let format = match format {
-        Some(f) => f.to_string(),
-        None => probe(file)?,
-    };
-    if format != "qcow2" {
-        println!("This image format does not support checks");
+fn check(spec: &ImageSpec, repair: Repair, json: bool, quiet: bool) -> Result<u8, Fail> {
+    let name = spec.filename();
+    if image_arg::resolve_format(spec)? != Format::Qcow2 {
+        eprintln!("{}: This image format does not support checks", crate::prog::name());
         return Ok(63);
     }
-    let repair = match repair {
-        None => Repair::None,
-        Some(RepairArg::Leaks) => Repair::Leaks,
-        Some(RepairArg::All) => Repair::All,
-    };
     let options = OpenOptions {
         read_only: repair == Repair::None,
         check_mode: true,
         no_backing: true,
         ..OpenOptions::default()
     };
-    let report = match Image::open(file, &options).and_then(|mut image| {
-        // A progress bar on a terminal (never with -q or JSON output); Ctrl-C stops a
-        // plain check, while a repair runs to its end.
-        let mut monitor = CliMonitor::new(false, quiet || output == Output::Json);
-        if repair == Repair::None {
-            catch_interrupts();
-        }
-        let report = lib::check_monitored(&mut image, repair, &mut monitor);
-        monitor.finish();
-        report
-    }) {
+    let mut image = Image::open(&spec.path, &options)
+        .map_err(|e| Fail::Report(image_arg::open_error_text(&spec.arg, &e)))?;
+    // A progress bar on a terminal (never with -q or JSON output); Ctrl-C stops a plain check,
+    // while a repair runs to its end.
+    let mut monitor = CliMonitor::new(false, quiet || json);
+    if repair == Repair::None {
+        catch_interrupts();
+    }
+    let result = lib::check_monitored(&mut image, repair, &mut monitor);
+    monitor.finish();
+    let report = match result {
         Ok(report) => report,
         Err(e) => {
-            eprintln!("qcow: {name}: Check failed: {e}");
+            eprintln!("{}: Check failed: {e}", crate::prog::name());
             return Ok(1);
         }
     };
     for message in &report.messages {
         eprintln!("{message}");
     }
-    if (report.leaks_fixed > 0 || report.corruptions_fixed > 0) && output == Output::Human && !quiet
+    if (report.leaks_fixed > 0 || report.corruptions_fixed > 0) && !json && !quiet
     {
         println!(
             "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
             report.leaks_fixed, report.corruptions_fixed
         );
     }
-    match output {
-        Output::Json => {
+    match (json, quiet) {
+        (_, true) => {}
+        (true, false) => {
             let json = CheckJson {
                 image_end_offset: report.image_end_offset,
                 total_clusters: report.total_clusters,
@@ -112,10 +190,12 @@ pub fn check(
                 filename: &name,
                 format: "qcow2",
             };
-            println!("{}", to_json(&json)?);
+            println!(
+                "{}",
+                to_json(&json).map_err(|e| Fail::Report(e.to_string()))?
+            );
         }
-        Output::Human if !quiet => print_human_check(&report),
-        Output::Human => {}
+        (false, false) => print_human_check(&report),
     }
     Ok(check_exit_code(&report))
 }

@@ -28,15 +28,10 @@ pub struct ConvertArgs {
     pub quiet: bool,
 }
 
-/// Applies `-o key=value,...` lists to qcow2 creation options.
+/// Applies `-o key=value,...` lists to qcow2 creation options (qemu-img's option syntax and
+/// checks, shared with `create`).
 pub fn apply_create_options(create: &mut CreateOptions, lists: &[String]) -> Result<()> {
-    for list in lists {
-        for item in list.split(',').filter(|s| !s.is_empty()) {
-            let (key, value) = item.split_once('=').unwrap_or((item, "on"));
-            create.set(key, value)?;
-        }
-    }
-    Ok(())
+    crate::create_cmd::apply_options(create, lists).map_err(anyhow::Error::msg)
 }
 
 pub fn convert_cmd(args: &ConvertArgs) -> Result<u8> {

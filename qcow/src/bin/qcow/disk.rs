@@ -71,8 +71,3 @@ pub fn open_disk(path: &Path, format: Option<&str>, options: &OpenOptions) -> Re
     let format = parse_format(format).with_context(|| path.display().to_string())?;
     Disk::open(path, format, options).with_context(|| path.display().to_string())
 }
-
-/// "qcow2" if the file starts with the qcow2 magic, else "raw".
-pub fn probe(path: &Path) -> Result<String> {
-    Ok(Format::probe(path)?.name().to_string())
-}

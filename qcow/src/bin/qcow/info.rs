@@ -1,14 +1,73 @@
-//! `qcow info`: qemu-img's ImageInfo as JSON, or its human-readable form.
+//! `info`: qemu-img's ImageInfo as JSON, or its human-readable form, for one image or
+//! (`--backing-chain`) the whole chain.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
 use qcow as lib;
 use serde::Serialize;
 
-use crate::disk::probe;
-use crate::{human_size, to_json, Output};
-use lib::{Image, OpenOptions};
+use crate::getopt::{self, OptSpec};
+use crate::image_arg::{self, ImageSpec};
+use crate::map_cmd::{image_operand, parse_output};
+use crate::prog::Fail;
+use crate::{human_size, to_json};
+use lib::{Format, Image, OpenOptions};
+
+const SPECS: &[OptSpec] = &[
+    OptSpec {
+        short: Some('h'),
+        long: &["help"],
+        takes_value: false,
+        key: "help",
+    },
+    OptSpec {
+        short: Some('f'),
+        long: &["format"],
+        takes_value: true,
+        key: "format",
+    },
+    OptSpec {
+        short: None,
+        long: &["output"],
+        takes_value: true,
+        key: "output",
+    },
+    OptSpec {
+        short: Some('b'),
+        long: &["backing-chain", "backing"],
+        takes_value: false,
+        key: "backing-chain",
+    },
+    OptSpec {
+        short: None,
+        long: &["object"],
+        takes_value: true,
+        key: "object",
+    },
+    OptSpec {
+        short: None,
+        long: &["image-opts"],
+        takes_value: false,
+        key: "image-opts",
+    },
+    OptSpec {
+        short: Some('U'),
+        long: &["force-share"],
+        takes_value: false,
+        key: "force-share",
+    },
+];
+
+const USAGE: &str = "Usage: qemu-img info [-f FMT | --image-opts] [-b] [-U] [--object OBJDEF]
+        [--output human|json] FILENAME";
+
+#[derive(Serialize)]
+struct BitmapJson {
+    flags: Vec<&'static str>,
+    name: String,
+    granularity: u64,
+}
 
 #[derive(Serialize)]
 struct FormatSpecificQcow2 {
@@ -17,8 +76,14 @@ struct FormatSpecificQcow2 {
     compression_type: &'static str,
     #[serde(rename = "lazy-refcounts", skip_serializing_if = "Option::is_none")]
     lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bitmaps: Option<Vec<BitmapJson>>,
     #[serde(rename = "refcount-bits")]
     refcount_bits: u32,
+    #[serde(rename = "data-file", skip_serializing_if = "Option::is_none")]
+    data_file: Option<String>,
+    #[serde(rename = "data-file-raw", skip_serializing_if = "Option::is_none")]
+    data_file_raw: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     corrupt: Option<bool>,
     #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
@@ -104,16 +169,25 @@ struct ImageInfo {
     file_length: u64,
 }
 
-fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
-    let name = path.display().to_string();
-    let format = match format {
-        Some(f) => f.to_string(),
-        None => probe(path)?,
-    };
-    let metadata = std::fs::metadata(path).with_context(|| format!("cannot open {name}"))?;
+/// Sizes as the block layer reports them: whole 512-byte sectors.
+fn sectors(bytes: u64) -> u64 {
+    bytes.div_ceil(512) * 512
+}
+
+fn image_info(spec: &ImageSpec) -> Result<ImageInfo, Fail> {
+    let name = spec.filename();
+    let path = spec.path.as_path();
+    let format = image_arg::resolve_format(spec)?;
+    let could_not_open = |e: lib::Error| Fail::Report(image_arg::open_error_text(&spec.arg, &e));
+    let metadata = std::fs::metadata(path).map_err(|source| {
+        could_not_open(lib::Error::OpenFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    })?;
     use std::os::unix::fs::MetadataExt;
     let actual_size = Some(metadata.blocks() * 512);
-    let file_length = metadata.len();
+    let file_length = sectors(metadata.len());
     let file_node = FileNodeInfo {
         children: Vec::new(),
         virtual_size: file_length,
@@ -130,7 +204,7 @@ fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
         name: "file",
         info: file_node,
     }];
-    if format == "raw" {
+    if format == Format::Raw {
         return Ok(ImageInfo {
             children,
             backing_filename_format: None,
@@ -147,23 +221,24 @@ fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
             file_length,
         });
     }
-    if format != "qcow2" {
-        bail!("{name}: unsupported format '{format}' (qcow2 or raw)");
-    }
     // Read-only, and without opening the backing file: only its name is reported.
     let options = OpenOptions {
         read_only: true,
         no_backing: true,
         ..OpenOptions::default()
     };
-    let image = Image::open(path, &options).with_context(|| name.clone())?;
-    let header = image.header();
+    let mut image = Image::open(path, &options).map_err(could_not_open)?;
+    let header = image.header().clone();
+    let bitmaps = lib::bitmap::read_bitmaps(image.storage_mut(), &header)
+        .map_err(|e| Fail::Report(format!("Could not open '{}': {e}", spec.arg)))?;
     let v3 = header.version >= 3;
     let full_backing = header.backing_file.as_deref().map(|b| {
         lib::image::resolve_backing_path(Some(path), b)
             .display()
             .to_string()
     });
+    let data_file_raw =
+        header.autoclear_features & lib::header::AUTOCLEAR_DATA_FILE_RAW != 0;
     Ok(ImageInfo {
         children,
         backing_filename_format: header.backing_format.clone(),
@@ -192,7 +267,23 @@ fn image_info(path: &Path, format: Option<&str>) -> Result<ImageInfo> {
                 compat: if v3 { "1.1" } else { "0.10" },
                 compression_type: header.compression_type.name(),
                 lazy_refcounts: v3.then(|| image.lazy_refcounts()),
+                bitmaps: (!bitmaps.is_empty()).then(|| {
+                    bitmaps
+                        .iter()
+                        .map(|b| BitmapJson {
+                            flags: [(b.in_use, "in-use"), (b.auto, "auto")]
+                                .iter()
+                                .filter(|(set, _)| *set)
+                                .map(|(_, flag)| *flag)
+                                .collect(),
+                            name: b.name.clone(),
+                            granularity: b.granularity,
+                        })
+                        .collect()
+                }),
                 refcount_bits: header.refcount_bits(),
+                data_file: header.data_file.clone(),
+                data_file_raw: header.data_file.as_ref().map(|_| data_file_raw),
                 corrupt: v3
                     .then_some(header.incompatible_features & lib::header::INCOMPAT_CORRUPT != 0),
                 extended_l2: v3.then_some(header.extended_l2()),
@@ -262,7 +353,25 @@ fn print_human_info(info: &ImageInfo) {
         if let Some(lazy) = d.lazy_refcounts {
             println!("    lazy refcounts: {lazy}");
         }
+        if let Some(bitmaps) = &d.bitmaps {
+            println!("    bitmaps:");
+            for (i, bitmap) in bitmaps.iter().enumerate() {
+                println!("        [{i}]:");
+                println!("            flags:");
+                for (j, flag) in bitmap.flags.iter().enumerate() {
+                    println!("                [{j}]: {flag}");
+                }
+                println!("            name: {}", bitmap.name);
+                println!("            granularity: {}", bitmap.granularity);
+            }
+        }
         println!("    refcount bits: {}", d.refcount_bits);
+        if let Some(data_file) = &d.data_file {
+            println!("    data file: {data_file}");
+        }
+        if let Some(raw) = d.data_file_raw {
+            println!("    data file raw: {raw}");
+        }
         if let Some(corrupt) = d.corrupt {
             println!("    corrupt: {corrupt}");
         }
@@ -283,67 +392,24 @@ fn print_human_info(info: &ImageInfo) {
     }
 }
 
-/// Refuses a backing chain that loops back on itself. Missing backing files are not an error
-/// here: like qemu-img, `info` reports the image without opening its backing file.
-fn refuse_backing_loop(file: &Path) -> Result<()> {
-    let mut seen = Vec::new();
-    let mut current = file.to_path_buf();
-    for _ in 0..=lib::image::MAX_BACKING_DEPTH {
-        let Ok(canonical) = std::fs::canonicalize(&current) else {
-            return Ok(());
-        };
-        if seen.contains(&canonical) {
-            bail!(
-                "{}: backing file chain contains a loop at {}",
-                file.display(),
-                current.display()
-            );
-        }
-        seen.push(canonical);
-        let options = OpenOptions {
-            read_only: true,
-            no_backing: true,
-            ..OpenOptions::default()
-        };
-        let Ok(image) = Image::open(&current, &options) else {
-            return Ok(());
-        };
-        match image.header().backing_file.as_deref() {
-            Some(name) if !name.is_empty() => {
-                current = lib::image::resolve_backing_path(Some(&current), name);
-            }
-            _ => return Ok(()),
-        }
+pub fn run(args: &[String]) -> Result<u8, Fail> {
+    let parsed = getopt::parse(args, SPECS).map_err(Fail::Getopt)?;
+    if parsed.has("help") {
+        println!("{USAGE}");
+        return Ok(0);
     }
-    bail!(
-        "{}: backing chain is deeper than {} images",
-        file.display(),
-        lib::image::MAX_BACKING_DEPTH
-    )
-}
-
-pub fn info(format: Option<&str>, output: Output, backing_chain: bool, file: &Path) -> Result<u8> {
-    let mut chain = vec![image_info(file, format)?];
-    if chain[0].format == "qcow2" {
-        refuse_backing_loop(file)?;
-    }
-    if backing_chain {
-        while let Some(full) = chain.last().and_then(|i| i.full_backing_filename.clone()) {
-            if chain.len() > lib::image::MAX_BACKING_DEPTH {
-                bail!(
-                    "{}: backing chain is deeper than {} images",
-                    file.display(),
-                    lib::image::MAX_BACKING_DEPTH
-                );
-            }
-            let backing_format = chain.last().and_then(|i| i.backing_filename_format.clone());
-            chain.push(image_info(Path::new(&full), backing_format.as_deref())?);
-        }
-    }
-    match output {
-        Output::Json if backing_chain => println!("{}", to_json(&chain)?),
-        Output::Json => println!("{}", to_json(&chain[0])?),
-        Output::Human => {
+    let json = parse_output(&parsed)?;
+    let spec = image_operand(&parsed)?;
+    let chain = if parsed.has("backing-chain") {
+        backing_chain(&spec)?
+    } else {
+        vec![image_info(&spec)?]
+    };
+    let json_failed = |e: anyhow::Error| Fail::Report(e.to_string());
+    match (json, parsed.has("backing-chain")) {
+        (true, true) => println!("{}", to_json(&chain).map_err(json_failed)?),
+        (true, false) => println!("{}", to_json(&chain[0]).map_err(json_failed)?),
+        (false, _) => {
             for (i, info) in chain.iter().enumerate() {
                 if i > 0 {
                     println!();
@@ -353,6 +419,38 @@ pub fn info(format: Option<&str>, output: Output, backing_chain: bool, file: &Pa
         }
     }
     Ok(0)
+}
+
+/// The image and every backing file below it; a chain that comes back to an image already in it
+/// is refused before anything is printed, as qemu-img does.
+fn backing_chain(spec: &ImageSpec) -> Result<Vec<ImageInfo>, Fail> {
+    let mut chain = vec![image_info(spec)?];
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    if let Ok(canonical) = std::fs::canonicalize(&spec.path) {
+        seen.insert(canonical);
+    }
+    while let Some(full) = chain.last().and_then(|i| i.full_backing_filename.clone()) {
+        if spec.no_backing && chain.len() == 1 {
+            break;
+        }
+        let backing = chain.last().and_then(|i| i.backing_filename.clone()).unwrap_or_default();
+        if let Ok(canonical) = std::fs::canonicalize(&full) {
+            if !seen.insert(canonical) {
+                return Err(Fail::Report(format!(
+                    "Backing file '{backing}' creates an infinite loop."
+                )));
+            }
+        }
+        let format = chain.last().and_then(|i| i.backing_filename_format.clone());
+        let next = ImageSpec {
+            arg: full.clone(),
+            path: PathBuf::from(&full),
+            format,
+            no_backing: false,
+        };
+        chain.push(image_info(&next)?);
+    }
+    Ok(chain)
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC (qemu-img prints local time; these machines run in UTC).

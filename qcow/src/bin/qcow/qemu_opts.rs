@@ -251,7 +251,7 @@ impl Opts {
     /// Parses a `-o` list: `key=value` pairs split at single commas (`,,` is a comma inside a
     /// value), `key` alone meaning `key=on` and `nokey` meaning `key=off`; `id=` is ignored.
     pub fn parse(&mut self, text: &str) -> Result<(), OptError> {
-        for (name, value) in split_list(text) {
+        for (name, value, _) in split_list(text) {
             if name == "id" {
                 continue;
             }
@@ -313,8 +313,9 @@ fn parse_number(name: &str, text: &str) -> Result<u64, OptError> {
     })
 }
 
-/// Splits an option list into (name, value) pairs the way QEMU's `get_opt_name_value` does.
-fn split_list(text: &str) -> Vec<(String, String)> {
+/// Splits an option list into (name, value, given as a bare flag) the way QEMU's
+/// `get_opt_name_value` does.
+fn split_list(text: &str) -> Vec<(String, String, bool)> {
     let mut pairs = Vec::new();
     let mut rest = text;
     while !rest.is_empty() {
@@ -322,13 +323,13 @@ fn split_list(text: &str) -> Vec<(String, String)> {
         let name = &rest[..name_end];
         if rest[name_end..].starts_with('=') {
             let (value, after) = take_value(&rest[name_end + 1..]);
-            pairs.push((name.to_string(), value));
+            pairs.push((name.to_string(), value, false));
             rest = after;
         } else {
             // A flag: `nokey` turns `key` off, anything else turns it on.
             match name.strip_prefix("no") {
-                Some(key) => pairs.push((key.to_string(), "off".to_string())),
-                None => pairs.push((name.to_string(), "on".to_string())),
+                Some(key) => pairs.push((key.to_string(), "off".to_string(), true)),
+                None => pairs.push((name.to_string(), "on".to_string(), true)),
             }
             rest = &rest[name_end..];
         }
@@ -369,7 +370,7 @@ pub fn is_valid_list(text: &str) -> bool {
 pub fn wants_help(text: &str) -> bool {
     split_list(text)
         .iter()
-        .any(|(name, value)| (name == "help" || name == "?") && value == "on")
+        .any(|(name, _, flag)| *flag && (name == "help" || name == "?"))
 }
 
 /// `-o help`: the options sorted by name, then (without a file name) qemu-img's note about the
@@ -408,11 +409,11 @@ mod tests {
         assert_eq!(
             split_list("a=1,,2,nofoo,bar,,c="),
             vec![
-                ("a".to_string(), "1,2".to_string()),
-                ("foo".to_string(), "off".to_string()),
-                ("bar".to_string(), "on".to_string()),
-                (String::new(), "on".to_string()),
-                ("c".to_string(), String::new()),
+                ("a".to_string(), "1,2".to_string(), false),
+                ("foo".to_string(), "off".to_string(), true),
+                ("bar".to_string(), "on".to_string(), true),
+                (String::new(), "on".to_string(), true),
+                ("c".to_string(), String::new(), false),
             ]
         );
         assert!(is_valid_list("a=1,,"));
