@@ -24,6 +24,33 @@ pub struct BitmapInfo {
     pub granularity: u64,
     pub in_use: bool,
     pub auto: bool,
+    /// Host offset and entry count of the bitmap's table.
+    pub table_offset: u64,
+    pub table_size: u32,
+}
+
+/// Where the bitmap directory is (when the bitmaps extension is valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Directory {
+    pub count: u32,
+    pub size: u64,
+    pub offset: u64,
+}
+
+/// The bitmap directory named by a valid bitmaps extension (autoclear bit 0 set), if any.
+pub fn directory(header: &Header) -> Option<Directory> {
+    if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        return None;
+    }
+    let (_, ext) = header
+        .unknown_extensions
+        .iter()
+        .find(|(kind, _)| *kind == EXT_BITMAPS)?;
+    (ext.len() == 24).then(|| Directory {
+        count: BigEndian::read_u32(&ext[0..]),
+        size: BigEndian::read_u64(&ext[8..]),
+        offset: BigEndian::read_u64(&ext[16..]),
+    })
 }
 
 /// Why the bitmap directory could not be read.
@@ -33,7 +60,9 @@ pub enum BitmapError {
     ExtensionLength,
     #[error("bitmaps_ext: Image has {0} bitmaps, exceeding the QEMU supported maximum of 65535")]
     TooMany(u32),
-    #[error("bitmaps_ext: bitmap directory size ({0}) exceeds the maximum supported size (67108864)")]
+    #[error(
+        "bitmaps_ext: bitmap directory size ({0}) exceeds the maximum supported size (67108864)"
+    )]
     DirectoryTooLarge(u64),
     #[error("bitmaps_ext: invalid bitmap directory offset")]
     DirectoryOffset,
@@ -96,6 +125,8 @@ pub fn read_bitmaps<S: Storage + ?Sized>(
             granularity: 1u64 << granularity_bits,
             in_use: flags & FLAG_IN_USE != 0,
             auto: flags & FLAG_AUTO != 0,
+            table_offset: BigEndian::read_u64(&entry[0..]),
+            table_size: BigEndian::read_u32(&entry[8..]),
         });
         at += (name_start + name_len).div_ceil(8) * 8;
     }
@@ -132,7 +163,9 @@ mod tests {
                 name: "b1".into(),
                 granularity: 131072,
                 in_use: false,
-                auto: true
+                auto: true,
+                table_offset: 0,
+                table_size: 0,
             }]
         );
         header.autoclear_features = 0;

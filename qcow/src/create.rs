@@ -50,7 +50,9 @@ pub enum CreateProblem {
     ClusterSize,
     #[error("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")]
     ExtendedL2ClusterSize,
-    #[error("Backing file and preallocation can only be used at the same time if extended_l2 is on")]
+    #[error(
+        "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+    )]
     BackingWithPreallocation,
     #[error("Backing format cannot be used without backing file")]
     BackingFormatWithoutFile,
@@ -68,7 +70,9 @@ pub enum CreateProblem {
     DataFileNeedsV3,
     #[error("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")]
     CompressionTypeNeedsV3,
-    #[error("The image size is too large for file format 'qcow2' (try using a larger cluster size)")]
+    #[error(
+        "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+    )]
     TooLarge,
     #[error("Image creation needs a size parameter")]
     SizeMissing,
@@ -79,7 +83,7 @@ pub enum CreateProblem {
 pub struct CreateOptions {
     pub size: u64,
     pub cluster_size: u64,
-    pub refcount_bits: u64,
+    pub refcount_bits: u32,
     /// 2 (`compat=0.10`) or 3 (`compat=1.1`).
     pub version: u32,
     pub lazy_refcounts: bool,
@@ -218,11 +222,23 @@ pub fn create_with(path: &Path, options: &CreateOptions, check_backing: bool) ->
     if let Some(name) = &options.data_file {
         let data_path = resolve_backing_path(Some(path), name);
         let data = create_file(&data_path)?;
-        preallocate_file(&data, &data_path, 0, options.rounded_size(), options.preallocation)?;
+        preallocate_file(
+            &data,
+            &data_path,
+            0,
+            options.rounded_size(),
+            options.preallocation,
+        )?;
     }
-    let data_area = create_on(&mut storage, options)?;
+    let created = create_on(&mut storage, options)?;
     drop(storage);
-    if let Some((start, end)) = data_area {
+    if let (Some((start, end)), true) = (
+        created.data_area,
+        matches!(
+            options.preallocation,
+            Preallocation::Falloc | Preallocation::Full
+        ),
+    ) {
         let file = FsOpenOptions::new()
             .write(true)
             .open(path)
@@ -231,7 +247,7 @@ pub fn create_with(path: &Path, options: &CreateOptions, check_backing: bool) ->
                 source,
             })?;
         preallocate_file(&file, path, start, end, options.preallocation)?;
-    } else if options.preallocates() && options.data_file.is_none() {
+    } else if created.needs_metadata_preallocation {
         let mut image = Image::open(path, &OpenOptions::default())?;
         image.preallocate_metadata()?;
         image.close()?;
@@ -269,10 +285,13 @@ fn preallocate_file(
     }
     match mode {
         Preallocation::Off | Preallocation::Metadata => Ok(()),
-        Preallocation::Falloc => {
-            rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), start, end - start)
-                .map_err(|e| fail(e.into()))
-        }
+        Preallocation::Falloc => rustix::fs::fallocate(
+            file,
+            rustix::fs::FallocateFlags::empty(),
+            start,
+            end - start,
+        )
+        .map_err(|e| fail(e.into())),
         Preallocation::Full => {
             use std::os::unix::fs::FileExt;
             let zeros = vec![0u8; 1 << 20];
@@ -291,10 +310,7 @@ fn preallocate_file(
 /// block(s), the L1 table (only its own bytes, so the file ends where qemu-img's does), plus
 /// whatever preallocation adds to the tables (metadata preallocation of an image without a data
 /// file is done afterwards through [`Image`]). Returns the data area `falloc`/`full` must fill.
-pub fn create_on<S: Storage + ?Sized>(
-    storage: &mut S,
-    options: &CreateOptions,
-) -> Result<Option<(u64, u64)>> {
+pub fn create_on<S: Storage + ?Sized>(storage: &mut S, options: &CreateOptions) -> Result<Created> {
     let cluster_bits = options.validate()?;
     let cluster_size = options.cluster_size;
     let refcount_order = options.refcount_bits.trailing_zeros();
@@ -328,8 +344,11 @@ pub fn create_on<S: Storage + ?Sized>(
     let identity = options.data_file.is_some() && options.preallocates();
     let extra = if identity { l1_entries } else { 0 };
     let mut layout = Layout::empty(cluster_bits, refcount_order, l1_entries, entry_words, extra);
+    let mut prealloc_done = true;
     if identity {
         layout.map_identity(guest_clusters);
+    } else if options.preallocation == Preallocation::Metadata {
+        prealloc_done = layout.preallocate_metadata(guest_clusters);
     } else if matches!(
         options.preallocation,
         Preallocation::Falloc | Preallocation::Full
@@ -345,10 +364,26 @@ pub fn create_on<S: Storage + ?Sized>(
         layout.l1_cluster << cluster_bits
     };
     header.l1_size = l1_entries as u32;
+    if !prealloc_done {
+        layout = Layout::empty(cluster_bits, refcount_order, l1_entries, entry_words, 0);
+    }
     layout.write(storage, header.encode()?)?;
-    Ok(layout
-        .data_area
-        .map(|(start, count)| (start << cluster_bits, (start + count) << cluster_bits)))
+    Ok(Created {
+        data_area: layout
+            .data_area
+            .map(|(start, count)| (start << cluster_bits, (start + count) << cluster_bits)),
+        needs_metadata_preallocation: !prealloc_done,
+    })
+}
+
+/// What [`create_on`] left for the caller to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Created {
+    /// Host byte range of the data clusters `falloc`/`full` must reserve or zero.
+    pub data_area: Option<(u64, u64)>,
+    /// Metadata preallocation needs a bigger refcount table than QEMU's replay covers: run the
+    /// library's allocator over the written image instead.
+    pub needs_metadata_preallocation: bool,
 }
 
 /// Creates a raw image of `size` bytes (rounded up to whole sectors, like qemu-img), preallocated

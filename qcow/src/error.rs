@@ -31,8 +31,9 @@ pub enum Error {
     InvalidClusterBits(u32),
     #[error("invalid header: {0}")]
     InvalidHeader(#[from] HeaderProblem),
-    #[error("unsupported qcow2 feature: incompatible feature bit {bit} ({name}) is set; this image cannot be opened")]
-    UnknownIncompatibleFeature { bit: u32, name: String },
+    /// QEMU's wording: the feature-table names of the unsupported bits, then the unnamed ones.
+    #[error("Unsupported qcow2 feature(s): {}", unsupported_features(names, *unnamed))]
+    UnknownIncompatibleFeature { names: Vec<String>, unnamed: u64 },
     #[error("image is corrupt (corrupt bit set); it can only be opened read-only — run `qcow check -r all` to repair it")]
     CorruptImage,
     #[error("unsupported refcount_order {0}: must be 0..=6 (1 to 64 bit refcounts)")]
@@ -284,6 +285,17 @@ pub enum Corruption {
     DirtyRepairFailed { remaining: u64 },
     #[error("snapshot L1 table at {offset:#x} is past the end of the file")]
     SnapshotL1PastEnd { offset: u64 },
+}
+
+fn unsupported_features(names: &[String], unnamed: u64) -> String {
+    let mut parts: Vec<String> = names
+        .iter()
+        .map(|name| name.chars().take(46).collect())
+        .collect();
+    if unnamed != 0 {
+        parts.push(format!("Unknown incompatible feature: {unnamed:x}"));
+    }
+    parts.join(", ")
 }
 
 /// Shorthand used throughout the crate.

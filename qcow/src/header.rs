@@ -317,20 +317,22 @@ impl Header {
     }
 
     fn validate_features(&self) -> Result<()> {
-        let unsupported = self.incompatible_features & !INCOMPAT_SUPPORTED;
+        let mut unsupported = self.incompatible_features & !INCOMPAT_SUPPORTED;
         if unsupported != 0 {
-            let bit = unsupported.trailing_zeros();
-            let name = self
-                .feature_names
-                .iter()
-                .find(|f| f.kind == 0 && u32::from(f.bit) == bit)
-                .map(|f| f.name.clone())
-                .unwrap_or_else(|| match bit {
-                    2 => "external data file".into(),
-                    4 => "extended L2 entries".into(),
-                    _ => "unknown".into(),
-                });
-            return Err(Error::UnknownIncompatibleFeature { bit, name });
+            // Like QEMU: the names the image's own feature table gives these bits (in table
+            // order, up to the first unnamed entry), then whatever bits remain unnamed.
+            let mut names = Vec::new();
+            for feature in self.feature_names.iter().take_while(|f| !f.name.is_empty()) {
+                let bit = 1u64.checked_shl(u32::from(feature.bit)).unwrap_or(0);
+                if feature.kind == 0 && unsupported & bit != 0 {
+                    names.push(feature.name.clone());
+                    unsupported &= !bit;
+                }
+            }
+            return Err(Error::UnknownIncompatibleFeature {
+                names,
+                unnamed: unsupported,
+            });
         }
         if self.crypt_method != 0 {
             return Err(HeaderProblem::Encrypted(self.crypt_method).into());
@@ -614,9 +616,24 @@ mod tests {
         header.incompatible_features = 1 << 9;
         let bytes = header.encode().unwrap();
         match Header::parse(&bytes) {
-            Err(Error::UnknownIncompatibleFeature { bit: 9, .. }) => {}
+            Err(e @ Error::UnknownIncompatibleFeature { .. }) => assert_eq!(
+                e.to_string(),
+                "Unsupported qcow2 feature(s): Unknown incompatible feature: 200"
+            ),
             other => panic!("unexpected {other:?}"),
         }
+        header.incompatible_features = (1 << 9) | (1 << 40) | (1 << 63);
+        header.feature_names.push(FeatureName {
+            kind: 0,
+            bit: 40,
+            name: "future feature".into(),
+        });
+        let bytes = header.encode().unwrap();
+        assert_eq!(
+            Header::parse(&bytes).unwrap_err().to_string(),
+            "Unsupported qcow2 feature(s): future feature, Unknown incompatible feature: \
+             8000000000000200"
+        );
     }
 
     #[test]

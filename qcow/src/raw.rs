@@ -29,6 +29,11 @@ pub trait Storage: Send {
         let _ = offset;
         Ok((true, len))
     }
+    /// Gives `[offset, offset + len)` (inside the file) back to the host: it reads as zeros
+    /// afterwards. The default writes zeros.
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_at(&vec![0u8; len as usize], offset)
+    }
 }
 
 /// A [`Storage`] over a regular file. `sync` makes `flush` call `fdatasync` (the default); without it
@@ -206,6 +211,20 @@ impl Storage for FileStorage {
     fn allocated_size(&mut self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        // Like QEMU's discard on a file: punch a hole; without hole support, write zeros.
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(_) => self.write_at(&vec![0u8; len as usize], offset),
+        }
     }
 
     fn extent_at(&mut self, offset: u64, len: u64) -> io::Result<(bool, u64)> {

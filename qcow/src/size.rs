@@ -217,7 +217,13 @@ mod tests {
                 "{text}"
             );
         }
-        for text in ["-1", "-0", "16E", "0xffffffffffffffffff", "18446744073709551616"] {
+        for text in [
+            "-1",
+            "-0",
+            "16E",
+            "0xffffffffffffffffff",
+            "18446744073709551616",
+        ] {
             assert_eq!(
                 parse_size(text),
                 Err(ParseSizeError::OutOfRange(text.into())),

@@ -7,10 +7,10 @@
 mod bench;
 #[path = "qcow/check_cmd.rs"]
 mod check_cmd;
-#[path = "qcow/create_cmd.rs"]
-mod create_cmd;
 #[path = "qcow/convert_cmd.rs"]
 mod convert_cmd;
+#[path = "qcow/create_cmd.rs"]
+mod create_cmd;
 #[path = "qcow/disk.rs"]
 mod disk;
 #[path = "qcow/dropin.rs"]
@@ -622,7 +622,11 @@ fn io(commands: &[String], format: Option<&str>, read_only: bool, file: &Path) -
     }
     if !read_only {
         if let Err(e) = disk.close() {
-            eprintln!("{}: {name}: flush failed: {}", prog::name(), describe(&e.into()));
+            eprintln!(
+                "{}: {name}: flush failed: {}",
+                prog::name(),
+                describe(&e.into())
+            );
             failed = true;
         }
     }

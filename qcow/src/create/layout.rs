@@ -50,6 +50,65 @@ fn refcount_metadata(clusters: u64, cluster_size: u64, order: u32) -> (u64, u64)
     }
 }
 
+/// QEMU's cluster allocator (`alloc_clusters_noref` + `update_refcount`) over a [`Layout`].
+struct FirstFit {
+    free_index: u64,
+}
+
+impl FirstFit {
+    fn refcount(layout: &Layout, cluster: u64) -> u64 {
+        layout.refcounts.get(cluster as usize).copied().unwrap_or(0)
+    }
+
+    /// `count` free clusters in a row, searching on from the free index.
+    fn find(&mut self, layout: &Layout, count: u64) -> u64 {
+        let mut run = 0;
+        while run < count {
+            let cluster = self.free_index;
+            self.free_index += 1;
+            run = if Self::refcount(layout, cluster) == 0 {
+                run + 1
+            } else {
+                0
+            };
+        }
+        self.free_index - count
+    }
+
+    /// Allocates `count` clusters, creating refcount blocks as QEMU does; `None` if the refcount
+    /// table is too small.
+    fn alloc(&mut self, layout: &mut Layout, count: u64) -> Option<u64> {
+        let per_block = (layout.cluster_size() * 8) >> layout.refcount_order;
+        'retry: loop {
+            let start = self.find(layout, count);
+            for cluster in start..start + count {
+                let index = (cluster / per_block) as usize;
+                if layout.refblocks.get(index).copied().unwrap_or(0) == 0 {
+                    let block = self.find(layout, 1);
+                    let table_entries =
+                        (layout.reftable_clusters * layout.cluster_size() / 8) as usize;
+                    if block / per_block != cluster / per_block || index >= table_entries {
+                        return None;
+                    }
+                    if layout.refblocks.len() <= index {
+                        layout.refblocks.resize(index + 1, 0);
+                    }
+                    layout.refblocks[index] = block;
+                    layout.set_refcount(block, 1);
+                    // Undo this attempt's increments; the search starts again.
+                    for undo in start..cluster {
+                        layout.set_refcount(undo, 0);
+                        self.free_index = self.free_index.min(undo);
+                    }
+                    continue 'retry;
+                }
+                layout.set_refcount(cluster, 1);
+            }
+            return Some(start);
+        }
+    }
+}
+
 impl Layout {
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -215,6 +274,39 @@ impl Layout {
             self.l2s.push((l2_cluster, entries));
         }
         Ok(())
+    }
+
+    /// QEMU's metadata preallocation of an empty image, replayed: for each L2 range, the L2 table
+    /// and then one run of data clusters are taken first-fit from a moving free-cluster index; a
+    /// run that reaches past the refcount blocks gets a new self-describing block at the first
+    /// free cluster and is searched for again. `false` when the refcount table itself would have
+    /// to grow (QEMU then relocates it; the caller falls back to the library's allocator).
+    pub fn preallocate_metadata(&mut self, guest_clusters: u64) -> bool {
+        let per_l2 = self.l2_entries();
+        let mut allocator = FirstFit { free_index: 0 };
+        let mut end = 0u64;
+        for index in 0..guest_clusters.div_ceil(per_l2) {
+            let Some(l2_cluster) = allocator.alloc(self, 1) else {
+                return false;
+            };
+            let count = (guest_clusters - index * per_l2).min(per_l2);
+            let Some(data) = allocator.alloc(self, count) else {
+                return false;
+            };
+            let mut entries = vec![0u64; (per_l2 * self.entry_words) as usize];
+            for slot in 0..count {
+                entries[(slot * self.entry_words) as usize] =
+                    ((data + slot) << self.cluster_bits) | COPIED;
+            }
+            self.l1[index as usize] = (l2_cluster << self.cluster_bits) | COPIED;
+            self.l2s.push((l2_cluster, entries));
+            end = data + count;
+        }
+        if guest_clusters > 0 {
+            // QEMU extends the file to the end of the last data run (a hole).
+            self.data_area = Some((end, 0));
+        }
+        true
     }
 
     /// Bytes the file must have: every used cluster, but the L1 table only up to its last entry

@@ -90,7 +90,9 @@ pub fn run(args: &[String]) -> Result<u8, Fail> {
     };
     if let Some(cache) = parsed.last("cache") {
         if crate::disk::CacheMode::parse(cache).is_err() {
-            return Err(Fail::Report(format!("Invalid source cache option: {cache}")));
+            return Err(Fail::Report(format!(
+                "Invalid source cache option: {cache}"
+            )));
         }
     }
     let spec = image_operand(&parsed)?;
@@ -137,7 +139,10 @@ fn is_zero(value: &u64) -> bool {
 fn check(spec: &ImageSpec, repair: Repair, json: bool, quiet: bool) -> Result<u8, Fail> {
     let name = spec.filename();
     if image_arg::resolve_format(spec)? != Format::Qcow2 {
-        eprintln!("{}: This image format does not support checks", crate::prog::name());
+        eprintln!(
+            "{}: This image format does not support checks",
+            crate::prog::name()
+        );
         return Ok(63);
     }
     let options = OpenOptions {
@@ -166,8 +171,12 @@ fn check(spec: &ImageSpec, repair: Repair, json: bool, quiet: bool) -> Result<u8
     for message in &report.messages {
         eprintln!("{message}");
     }
-    if (report.leaks_fixed > 0 || report.corruptions_fixed > 0) && !json && !quiet
-    {
+    if let Some(reason) = report.failed {
+        // The check itself failed: no results, like qemu-img.
+        eprintln!("{}: Check failed: {reason}", crate::prog::name());
+        return Ok(1);
+    }
+    if report.repaired && !json && !quiet {
         println!(
             "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
             report.leaks_fixed, report.corruptions_fixed
@@ -197,6 +206,10 @@ fn check(spec: &ImageSpec, repair: Repair, json: bool, quiet: bool) -> Result<u8
         }
         (false, false) => print_human_check(&report),
     }
+    if report.check_errors > 0 {
+        eprintln!("{}: Check failed", crate::prog::name());
+        return Ok(1);
+    }
     Ok(check_exit_code(&report))
 }
 
@@ -205,8 +218,6 @@ fn check_exit_code(report: &CheckReport) -> u8 {
         2
     } else if report.leaks > 0 {
         3
-    } else if report.check_errors > 0 {
-        1
     } else {
         0
     }

@@ -63,24 +63,72 @@ const SPECS: &[OptSpec] = &[
     },
 ];
 
-const USAGE: &str = "Usage: qemu-img create [-f FMT] [-o FMT_OPTS] [-b BACKING_FILENAME [-F BACKING_FMT]]
+const USAGE: &str =
+    "Usage: qemu-img create [-f FMT] [-o FMT_OPTS] [-b BACKING_FILENAME [-F BACKING_FMT]]
         [--object OBJDEF] [-u] FILENAME [SIZE[bkKMGTPE]]
 Formats: qcow2, raw. Sizes take an optional k, M, G, T, P or E suffix (powers of 1024).";
 
 /// Formats qemu-img knows but this tool does not write (refused with a plain explanation rather
 /// than qemu-img's "Unknown file format").
 const OTHER_QEMU_FORMATS: &[&str] = &[
-    "bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed", "vdi", "vhdx", "vmdk", "vpc",
+    "bochs",
+    "cloop",
+    "dmg",
+    "luks",
+    "parallels",
+    "qcow",
+    "qed",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
     "vvfat",
 ];
 
 /// Drivers qemu-img accepts as a backing format (its `BlockdevDriver` names).
 const QEMU_DRIVERS: &[&str] = &[
-    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
-    "copy-before-write", "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom",
-    "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme",
-    "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication",
-    "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
 ];
 
 pub fn run(args: &[String]) -> Result<u8, Fail> {
@@ -206,7 +254,10 @@ impl Request<'_> {
         }
         if let Some(backing) = self.backing {
             opts.set("backing_file", backing).map_err(|_| {
-                format!("Backing file not supported for file format '{}'", self.format)
+                format!(
+                    "Backing file not supported for file format '{}'",
+                    self.format
+                )
             })?;
         }
         if let Some(backing_format) = self.backing_format {
@@ -220,9 +271,11 @@ impl Request<'_> {
         let backing_file = opts.get_str("backing_file").map(str::to_string);
         if let Some(backing) = &backing_file {
             if backing == self.filename {
-                return Err("Error: Trying to create an image with the same filename as the \
+                return Err(
+                    "Error: Trying to create an image with the same filename as the \
                             backing file"
-                    .into());
+                        .into(),
+                );
             }
             if backing.is_empty() {
                 return Err("Expected backing file name, got empty string".into());
@@ -265,7 +318,9 @@ fn open_backing_for_create(
     let full = qcow::image::resolve_backing_path(Some(image), backing);
     if let Some(format) = format {
         if !QEMU_DRIVERS.contains(&format) {
-            return Err(format!("Unknown driver '{format}'\nCould not open backing image."));
+            return Err(format!(
+                "Unknown driver '{format}'\nCould not open backing image."
+            ));
         }
     }
     let disk = image_arg::open_chain_for_create(&full, format)
@@ -286,7 +341,12 @@ fn create_raw(path: &Path, opts: &Opts) -> Result<(), String> {
         None | Some("off") => Preallocation::Off,
         Some("falloc") => Preallocation::Falloc,
         Some("full") => Preallocation::Full,
-        Some("metadata") => return Err("Unsupported preallocation mode: metadata".into()),
+        Some("metadata") => {
+            // qemu-img's file layer has created (and emptied) the file by the time the mode is
+            // refused.
+            qcow::create::create_raw(path, 0).map_err(|e| create_error_text(path, &e))?;
+            return Err("Unsupported preallocation mode: metadata".into());
+        }
         Some(other) => {
             return Err(format!(
                 "Parameter 'preallocation' does not accept value '{other}'"
@@ -297,7 +357,8 @@ fn create_raw(path: &Path, opts: &Opts) -> Result<(), String> {
         return Err("The image size is too large for file format 'raw'".into());
     }
     check_extent_size_hint(opts)?;
-    qcow::create::create_raw_with(path, size, preallocation).map_err(|e| create_error_text(path, &e))
+    qcow::create::create_raw_with(path, size, preallocation)
+        .map_err(|e| create_error_text(path, &e))
 }
 
 fn check_extent_size_hint(opts: &Opts) -> Result<(), String> {
@@ -310,7 +371,10 @@ fn check_extent_size_hint(opts: &Opts) -> Result<(), String> {
 /// Applies qcow2 `-o` lists (for commands that create qcow2 images, e.g. `convert`): the options
 /// given replace the fields of `create`; the rest stay as they are.
 pub fn apply_options(create: &mut CreateOptions, lists: &[String]) -> Result<(), String> {
-    let mut opts = Opts::new(qemu_opts::merged(qemu_opts::QCOW2_OPTS, qemu_opts::FILE_OPTS));
+    let mut opts = Opts::new(qemu_opts::merged(
+        qemu_opts::QCOW2_OPTS,
+        qemu_opts::FILE_OPTS,
+    ));
     for list in lists {
         if !qemu_opts::is_valid_list(list) {
             return Err(format!("Invalid option list: {list}"));
@@ -337,8 +401,11 @@ pub fn apply_options(create: &mut CreateOptions, lists: &[String]) -> Result<(),
 
 /// The library's create options from a parsed qcow2 option list (QAPI's value checks).
 fn qcow2_options(opts: &Opts) -> Result<CreateOptions, String> {
-    let rejects = |param: &str, value: &str| format!("Parameter '{param}' does not accept value '{value}'");
-    let encryption = opts.get_str("encryption").is_some_and(|v| opts.get_bool("encryption") && !v.is_empty())
+    let rejects =
+        |param: &str, value: &str| format!("Parameter '{param}' does not accept value '{value}'");
+    let encryption = opts
+        .get_str("encryption")
+        .is_some_and(|v| opts.get_bool("encryption") && !v.is_empty())
         || opts
             .list
             .iter()
@@ -375,7 +442,9 @@ fn qcow2_options(opts: &Opts) -> Result<CreateOptions, String> {
     Ok(CreateOptions {
         size: opts.get_number("size").unwrap_or(0),
         cluster_size: opts.get_number("cluster_size").unwrap_or(65536),
-        refcount_bits: opts.get_number("refcount_bits").unwrap_or(16),
+        // Out-of-range widths stay invalid (u32::MAX is not a power of two).
+        refcount_bits: u32::try_from(opts.get_number("refcount_bits").unwrap_or(16))
+            .unwrap_or(u32::MAX),
         version,
         lazy_refcounts: opts.get_bool("lazy_refcounts"),
         preallocation,

@@ -201,7 +201,11 @@ mod tests {
 
     #[test]
     fn permutes_and_clusters_like_glibc() {
-        let parsed = parse(&args(&["a.img", "-Uf", "qcow2", "--out=json", "--back"]), SPECS).unwrap();
+        let parsed = parse(
+            &args(&["a.img", "-Uf", "qcow2", "--out=json", "--back"]),
+            SPECS,
+        )
+        .unwrap();
         assert_eq!(parsed.operands, vec!["a.img"]);
         assert_eq!(
             parsed.options,

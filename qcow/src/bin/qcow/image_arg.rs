@@ -34,8 +34,12 @@ impl ImageSpec {
 pub fn parse(arg: &str, format: Option<&str>) -> Result<ImageSpec, Fail> {
     let could_not_open = |why: String| Fail::Report(format!("Could not open '{arg}': {why}"));
     if let Some(json) = arg.strip_prefix("json:") {
-        let value: Value = serde_json::from_str(json)
-            .map_err(|e| could_not_open(format!("Could not parse the JSON options: {}", json_error(&e))))?;
+        let value: Value = serde_json::from_str(json).map_err(|e| {
+            could_not_open(format!(
+                "Could not parse the JSON options: {}",
+                json_error(&e)
+            ))
+        })?;
         let Value::Object(map) = value else {
             return Err(could_not_open("Invalid JSON object given".into()));
         };
@@ -69,7 +73,8 @@ pub fn parse_image_opts(arg: &str) -> Result<ImageSpec, Fail> {
         Some((_, Value::String(name))) => name.clone(),
         _ => arg.to_string(),
     };
-    from_options(arg, &flat).map_err(|why| Fail::Report(format!("Could not open '{display}': {why}")))
+    from_options(arg, &flat)
+        .map_err(|why| Fail::Report(format!("Could not open '{display}': {why}")))
 }
 
 /// `a,,b` is one item `a,b`.
@@ -200,9 +205,7 @@ pub fn check_objects(objects: &[&str]) -> Result<(), Fail> {
     for object in objects {
         let first = object.split(',').next().unwrap_or("");
         if first.is_empty() || first.contains('=') && !first.starts_with("qom-type=") {
-            return Err(Fail::Report(format!(
-                "Parameter 'qom-type' is missing"
-            )));
+            return Err(Fail::Report(format!("Parameter 'qom-type' is missing")));
         }
     }
     Ok(())
@@ -290,12 +293,16 @@ pub fn format_error_text(error: &LibError) -> String {
         LibError::RefcountTableTooLarge(_) => "Reference count table too large".into(),
         LibError::L1TableTooLarge(_) => "Active L1 table too large".into(),
         LibError::L1TableTooSmall { .. } => "L1 table is too small".into(),
-        LibError::InvalidTableOffset { what, .. } => match *what {
-            "refcount table" => "Reference count table offset invalid".into(),
-            "L1 table" => "Active L1 table offset invalid".into(),
-            "snapshot table" => "Snapshot table offset invalid".into(),
-            _ => error.to_string(),
-        },
+        // QEMU checks alignment and range; a table past the end of the file is this tool's own
+        // (stricter) refusal and keeps its explanation.
+        LibError::InvalidTableOffset { what, why, .. } if *why != "past the end of the file" => {
+            match *what {
+                "refcount table" => "Reference count table offset invalid".into(),
+                "L1 table" => "Active L1 table offset invalid".into(),
+                "snapshot table" => "Snapshot table offset invalid".into(),
+                _ => error.to_string(),
+            }
+        }
         LibError::TooManySnapshots(_) => "Snapshot table too large".into(),
         LibError::BackingNameTooLong(_) => "Backing file name too long".into(),
         LibError::HeaderExtensionTooLarge { .. } => "Header extension too large".into(),
@@ -310,7 +317,7 @@ fn header_problem_text(problem: &HeaderProblem) -> String {
     match problem {
         HeaderProblem::FileTooShort(_)
         | HeaderProblem::ShorterThanV2Header
-        | HeaderProblem::ShorterThanV3Header => "Could not read qcow2 header: Input/output error".into(),
+        | HeaderProblem::ShorterThanV3Header => "qcow2 header too short".into(),
         HeaderProblem::HeaderLengthTooShort(_) => "qcow2 header too short".into(),
         HeaderProblem::HeaderLengthExceedsCluster { .. } | HeaderProblem::HeaderLengthPastEnd => {
             "qcow2 header exceeds cluster size".into()
@@ -323,11 +330,23 @@ fn header_problem_text(problem: &HeaderProblem) -> String {
         }
         HeaderProblem::Encrypted(2) => "Missing CRYPTO header for crypt method 2".into(),
         HeaderProblem::Encrypted(1) => {
-            "AES-encrypted images are not supported by this tool (encryption is out of scope)".into()
+            "AES-encrypted images are not supported by this tool (encryption is out of scope)"
+                .into()
         }
         HeaderProblem::Encrypted(method) => format!("Unsupported encryption method {method}"),
-        HeaderProblem::RefcountTableEmpty => "Image does not contain a reference count table".into(),
-        HeaderProblem::SizeTooBig { .. } => "Image is too big".into(),
+        HeaderProblem::RefcountTableEmpty => {
+            "Image does not contain a reference count table".into()
+        }
+        HeaderProblem::SizeTooBig { size, cluster_size } => {
+            // QEMU rounds the size up to whole L2 ranges first (which can wrap), then refuses
+            // more than INT_MAX L1 entries; below that the L1 table is simply too small.
+            let l2_bits = cluster_size.trailing_zeros() * 2 - 3;
+            match size.checked_add((1u64 << l2_bits) - 1) {
+                None => "Could not refresh total sector count: File too large".into(),
+                Some(end) if end >> l2_bits > i32::MAX as u64 => "Image is too big".into(),
+                Some(_) => "L1 table is too small".into(),
+            }
+        }
         other => other.to_string(),
     }
 }
@@ -358,8 +377,11 @@ mod tests {
 
     #[test]
     fn json_and_image_opts_name_the_file() {
-        let spec = parse(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a.q"}}"#, None)
-            .unwrap();
+        let spec = parse(
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a.q"}}"#,
+            None,
+        )
+        .unwrap();
         assert_eq!(spec.path, PathBuf::from("a.q"));
         assert_eq!(spec.format.as_deref(), Some("qcow2"));
         let spec = parse_image_opts("driver=raw,file.filename=b,,c").unwrap();
@@ -378,7 +400,13 @@ mod tests {
             err(r#"json:{"driver":"qcow2""#),
             r#"Could not open 'json:{"driver":"qcow2"': Could not parse the JSON options: JSON parse error, premature EOI"#
         );
-        assert_eq!(err("json:[]"), "Could not open 'json:[]': Invalid JSON object given");
-        assert_eq!(err("foo:bar"), "Could not open 'foo:bar': Unknown protocol 'foo'");
+        assert_eq!(
+            err("json:[]"),
+            "Could not open 'json:[]': Invalid JSON object given"
+        );
+        assert_eq!(
+            err("foo:bar"),
+            "Could not open 'foo:bar': Unknown protocol 'foo'"
+        );
     }
 }

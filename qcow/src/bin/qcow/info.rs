@@ -237,8 +237,7 @@ fn image_info(spec: &ImageSpec) -> Result<ImageInfo, Fail> {
             .display()
             .to_string()
     });
-    let data_file_raw =
-        header.autoclear_features & lib::header::AUTOCLEAR_DATA_FILE_RAW != 0;
+    let data_file_raw = header.autoclear_features & lib::header::AUTOCLEAR_DATA_FILE_RAW != 0;
     Ok(ImageInfo {
         children,
         backing_filename_format: header.backing_format.clone(),
@@ -433,11 +432,10 @@ fn backing_chain(spec: &ImageSpec) -> Result<Vec<ImageInfo>, Fail> {
         if spec.no_backing && chain.len() == 1 {
             break;
         }
-        let backing = chain.last().and_then(|i| i.backing_filename.clone()).unwrap_or_default();
         if let Ok(canonical) = std::fs::canonicalize(&full) {
             if !seen.insert(canonical) {
                 return Err(Fail::Report(format!(
-                    "Backing file '{backing}' creates an infinite loop."
+                    "Backing file '{full}' creates an infinite loop."
                 )));
             }
         }

@@ -60,7 +60,8 @@ const SPECS: &[OptSpec] = &[
     },
 ];
 
-const USAGE: &str = "Usage: qemu-img map [-f FMT | --image-opts] [--object OBJDEF] [--output human|json]
+const USAGE: &str =
+    "Usage: qemu-img map [-f FMT | --image-opts] [--object OBJDEF] [--output human|json]
         [--start-offset OFFSET] [--max-length LENGTH] [-U] FILENAME";
 
 /// `--output`, shared by info, check and map.
@@ -96,9 +97,9 @@ pub fn image_operand(parsed: &getopt::Parsed) -> Result<ImageSpec, Fail> {
 fn parse_offset(what: &str, text: &str) -> Result<u64, Fail> {
     match qcow::parse_size(text) {
         Ok(value) if value <= i64::MAX as u64 => Ok(value),
-        Err(qcow::ParseSizeError::Invalid(_)) => Err(Fail::Report(format!(
-            "Invalid {what} specified: '{text}'."
-        ))),
+        Err(qcow::ParseSizeError::Invalid(_)) => {
+            Err(Fail::Report(format!("Invalid {what} specified: '{text}'.")))
+        }
         _ => Err(Fail::Report(format!(
             "Invalid {what} specified. Must be between 0 and 9223372036854775807."
         ))),

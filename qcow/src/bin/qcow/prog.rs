@@ -22,7 +22,11 @@ pub fn argv0() -> &'static str {
 /// The base name of `argv[0]`: the prefix of every error message.
 pub fn name() -> &'static str {
     let argv0 = argv0();
-    argv0.rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(argv0)
+    argv0
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(argv0)
 }
 
 /// How a command failed, which decides how the message is printed. Every failure exits 1.

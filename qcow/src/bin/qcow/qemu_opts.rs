@@ -31,7 +31,12 @@ const fn desc(name: &'static str, kind: Kind, help: &'static str) -> Desc {
     }
 }
 
-const fn with_default(name: &'static str, kind: Kind, help: &'static str, default: &'static str) -> Desc {
+const fn with_default(
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    default: &'static str,
+) -> Desc {
     Desc {
         name,
         kind,
@@ -67,13 +72,21 @@ pub const QCOW2_OPTS: &[Desc] = &[
         Kind::Str,
         "Name of encryption cipher mode",
     ),
-    desc("encrypt.ivgen-alg", Kind::Str, "Name of IV generator algorithm"),
+    desc(
+        "encrypt.ivgen-alg",
+        Kind::Str,
+        "Name of IV generator algorithm",
+    ),
     desc(
         "encrypt.ivgen-hash-alg",
         Kind::Str,
         "Name of IV generator hash algorithm",
     ),
-    desc("encrypt.hash-alg", Kind::Str, "Name of encryption hash algorithm"),
+    desc(
+        "encrypt.hash-alg",
+        Kind::Str,
+        "Name of encryption hash algorithm",
+    ),
     desc(
         "encrypt.iter-time",
         Kind::Number,
@@ -183,7 +196,11 @@ impl Opts {
 
     /// The value of `name`, if set.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.set.iter().rev().find(|(n, _)| *n == name).map(|(_, v)| v)
+        self.set
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
     }
 
     pub fn get_str(&self, name: &str) -> Option<&str> {
@@ -221,7 +238,10 @@ impl Opts {
         let number = match desc.kind {
             Kind::Str => None,
             Kind::Bool => {
-                if !matches!(text, "on" | "off" | "yes" | "no" | "true" | "false" | "y" | "n") {
+                if !matches!(
+                    text,
+                    "on" | "off" | "yes" | "no" | "true" | "false" | "y" | "n"
+                ) {
                     return Err(format!("Parameter '{name}' expects 'on' or 'off'"));
                 }
                 None
@@ -450,7 +470,8 @@ mod tests {
             "Parameter 'refcount_bits' expects a number"
         );
         assert_eq!(
-            opts.set("refcount_bits", "99999999999999999999").unwrap_err(),
+            opts.set("refcount_bits", "99999999999999999999")
+                .unwrap_err(),
             "Value '99999999999999999999' is too large for parameter 'refcount_bits'"
         );
         assert_eq!(
