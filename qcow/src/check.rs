@@ -9,7 +9,7 @@ use byteorder::{BigEndian, ByteOrder};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::header::{check_table_offset, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_SNAPSHOTS};
 use crate::image::Image;
 use crate::l2::{COPIED, OFFSET_MASK};
 use crate::monitor::{checkpoint, Monitor, Quiet};
@@ -49,7 +49,8 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     pub fragmented_clusters: u64,
     pub compressed_clusters: u64,
-    /// The lines qemu-img prints on stderr while checking, in order.
+    /// The lines qemu-img prints on stderr while checking, in order (those it prints with its
+    /// program name start with [`PROGRAM`]).
     #[serde(skip)]
     pub messages: Vec<String>,
     /// The check itself failed (qemu-img's `Check failed: REASON`, the C library's text).
@@ -98,6 +99,62 @@ impl Findings {
     }
 }
 
+/// A snapshot table pointer in the header that cannot be used (QEMU's `qcow2_validate_table`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotPointerProblem {
+    /// More entries than QEMU's limit.
+    TooMany(u32),
+    /// Unaligned, zero or beyond the largest offset.
+    OffsetInvalid,
+}
+
+/// Whether the header's snapshot table pointer is unusable.
+pub(crate) fn snapshot_pointer_problem(header: &Header) -> Option<SnapshotPointerProblem> {
+    if u64::from(header.nb_snapshots) > MAX_SNAPSHOTS {
+        return Some(SnapshotPointerProblem::TooMany(header.nb_snapshots));
+    }
+    let bytes = u64::from(header.nb_snapshots) * 40;
+    if header.nb_snapshots > 0
+        && check_table_offset(
+            "snapshot table",
+            header.snapshots_offset,
+            bytes,
+            header.cluster_size(),
+        )
+        .is_err()
+    {
+        return Some(SnapshotPointerProblem::OffsetInvalid);
+    }
+    None
+}
+
+/// QEMU's `qcow2_check_read_snapshot_table` for a pointer it refuses: the messages and the
+/// failure (`-r all` cannot repair these either; QEMU's attempt corrupts the image).
+fn snapshot_pointer_failure(
+    problem: SnapshotPointerProblem,
+    findings: &mut Findings,
+) -> &'static str {
+    findings.tally.check_errors += 1;
+    match problem {
+        SnapshotPointerProblem::TooMany(count) => {
+            findings.message(format!("{PROGRAM}ERROR snapshot table too large"));
+            findings.message(format!(
+                "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                u64::from(count) - MAX_SNAPSHOTS
+            ));
+            "File too large"
+        }
+        SnapshotPointerProblem::OffsetInvalid => {
+            findings.message(format!("{PROGRAM}ERROR snapshot table offset invalid"));
+            "Invalid argument"
+        }
+    }
+}
+
+/// The prefix of messages qemu-img prints through `error_report` (with its program name); a front
+/// end invoked under another name puts its own name in its place.
+pub const PROGRAM: &str = "qemu-img: ";
+
 /// Checks `image` and optionally repairs it. The image is flushed first.
 pub fn check<S: Storage>(image: &mut Image<S>, repair: Repair) -> Result<CheckReport> {
     check_monitored(image, repair, &mut Quiet)
@@ -115,6 +172,15 @@ pub fn check_monitored<S: Storage>(
     }
     image.flush()?;
     let mut findings = Findings::default();
+    if let Some(problem) = image.snapshot_pointer_problem {
+        let failed = snapshot_pointer_failure(problem, &mut findings);
+        return Ok(CheckReport {
+            messages: findings.messages,
+            failed: Some(failed),
+            check_errors: findings.tally.check_errors,
+            ..CheckReport::default()
+        });
+    }
     let first = check_refcounts(image, repair, &mut findings, monitor)?;
     if let Some(failed) = first.failed {
         return Ok(CheckReport {

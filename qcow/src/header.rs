@@ -172,6 +172,17 @@ impl Header {
     /// Decodes and validates the header cluster `buf` (at least the first 104 bytes; the whole first
     /// cluster for extensions and the backing name). `file_len` bounds table offsets.
     pub fn parse(buf: &[u8]) -> Result<Header> {
+        Self::parse_with(buf, false)
+    }
+
+    /// Like [`Header::parse`], but lets through what QEMU's check-mode open lets through so that
+    /// `check` can report (and repair) it: an empty refcount table, and a snapshot table pointer
+    /// that is unusable (too many entries, bad offset).
+    pub fn parse_for_check(buf: &[u8]) -> Result<Header> {
+        Self::parse_with(buf, true)
+    }
+
+    fn parse_with(buf: &[u8], check_mode: bool) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
             return Err(HeaderProblem::ShorterThanV2Header.into());
         }
@@ -265,7 +276,7 @@ impl Header {
         };
         header.parse_extensions(buf, ext_end)?;
         header.validate_features()?;
-        header.validate_tables()?;
+        header.validate_tables(check_mode)?;
         Ok(header)
     }
 
@@ -343,9 +354,9 @@ impl Header {
         Ok(())
     }
 
-    fn validate_tables(&self) -> Result<()> {
+    fn validate_tables(&self, check_mode: bool) -> Result<()> {
         let cluster_size = self.cluster_size();
-        if self.refcount_table_clusters == 0 {
+        if self.refcount_table_clusters == 0 && !check_mode {
             return Err(HeaderProblem::RefcountTableEmpty.into());
         }
         let reftable_bytes = u64::from(self.refcount_table_clusters) * cluster_size;
@@ -360,10 +371,10 @@ impl Header {
             reftable_bytes,
             cluster_size,
         )?;
-        if u64::from(self.nb_snapshots) > MAX_SNAPSHOTS {
+        if u64::from(self.nb_snapshots) > MAX_SNAPSHOTS && !check_mode {
             return Err(Error::TooManySnapshots(u64::from(self.nb_snapshots)));
         }
-        if self.nb_snapshots > 0 {
+        if self.nb_snapshots > 0 && !check_mode {
             check_table_offset("snapshot table", self.snapshots_offset, 0, cluster_size)?;
         }
         let l1_bytes = u64::from(self.l1_size) * 8;

@@ -88,6 +88,8 @@ pub struct Image<S: Storage = FileStorage> {
     pub(crate) scratch: AlignedBuf,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) snapshot_table_len: u64,
+    /// Why the snapshot table was not read (check-mode opens only).
+    pub(crate) snapshot_pointer_problem: Option<crate::check::SnapshotPointerProblem>,
     /// Cached result of [`Image::metadata_preallocated`]; reset by allocations.
     pub(crate) metadata_preallocated: Option<bool>,
     /// Next free byte after the last compressed cluster written, inside a host cluster that has

@@ -17,6 +17,8 @@ use crate::refcount::REFTABLE_OFFSET_MASK;
 const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Reserved bits of a refcount table entry.
 const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
+/// How far past the end of the file `-r all` extends it to take in a refcount block.
+const MAX_REFBLOCK_GROWTH: u64 = 16 << 20;
 /// Largest L1 table QEMU accepts, in entries.
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
 
@@ -349,7 +351,13 @@ impl<S: Storage> Walk<'_, S> {
             }
         };
         for bitmap in bitmaps {
-            self.add(bitmap.table_offset, u64::from(bitmap.table_size) * 8);
+            let table_bytes = u64::from(bitmap.table_size) * 8;
+            if bitmap.table_offset.saturating_add(table_bytes) > self.file_len {
+                // A table past the end of the file cannot be read: the directory is corrupt.
+                self.findings.tally.corruptions += 1;
+                break;
+            }
+            self.add(bitmap.table_offset, table_bytes);
             let mut raw = vec![0u8; bitmap.table_size as usize * 8];
             if read_padded(&mut self.image.file, &mut raw, bitmap.table_offset).is_err() {
                 self.findings.tally.corruptions += 1;
@@ -411,7 +419,16 @@ impl<S: Storage> Walk<'_, S> {
                 };
                 self.findings
                     .message(format!("{verb} refcount block {index} is outside image"));
-                if self.fix_errors {
+                // QEMU grows the file to any length; this tool only a little (a block just past a
+                // truncated end), so a hostile offset cannot make it write a huge file.
+                let within_limits = offset
+                    .checked_add(cluster_size)
+                    .is_some_and(|end| end <= self.file_len + MAX_REFBLOCK_GROWTH);
+                if self.fix_errors && !within_limits {
+                    self.findings
+                        .message("ERROR could not resize image: File too large".into());
+                    self.rebuild = true;
+                } else if self.fix_errors {
                     // QEMU grows the file over the block (which then reads as zeros).
                     let end = offset + cluster_size;
                     self.image.file.set_len(end).map_err(Error::SetLen)?;

@@ -189,8 +189,9 @@ impl Layout {
     pub fn map_identity(&mut self, guest_clusters: u64) {
         let per_l2 = self.l2_entries();
         let tables = guest_clusters.div_ceil(per_l2);
-        let mut next = self.end_cluster();
+        let first = self.end_cluster();
         for index in 0..tables {
+            let next = first + index;
             let mut entries = vec![0u64; (per_l2 * self.entry_words) as usize];
             for slot in 0..per_l2 {
                 let cluster = index * per_l2 + slot;
@@ -204,7 +205,6 @@ impl Layout {
             self.l1[index as usize] = (next << self.cluster_bits) | COPIED;
             self.l2s.push((next, entries));
             self.set_refcount(next, 1);
-            next += 1;
         }
     }
 

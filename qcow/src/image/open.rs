@@ -68,7 +68,11 @@ impl<S: Storage> Image<S> {
         };
         let mut cluster0 = vec![0u8; header_bytes];
         file.read_at(&mut cluster0, 0).map_err(Error::ReadHeader)?;
-        let header = Header::parse(&cluster0)?;
+        let header = if options.check_mode {
+            Header::parse_for_check(&cluster0)?
+        } else {
+            Header::parse(&cluster0)?
+        };
         let read_only = options.read_only;
         if header.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only && !options.check_mode
         {
@@ -96,12 +100,22 @@ impl<S: Storage> Image<S> {
         file.read_at(&mut l1_raw, header.l1_table_offset)
             .map_err(Error::ReadL1Table)?;
         let l1: Vec<u64> = l1_raw.chunks_exact(8).map(BigEndian::read_u64).collect();
-        let (snapshots, snapshot_table_len) = snapshot::read_table(
-            &mut file,
-            header.snapshots_offset,
-            header.nb_snapshots,
-            cluster_size,
-        )?;
+        // A check-mode open leaves an unusable snapshot table pointer for `check` to report.
+        let snapshot_pointer_problem = if options.check_mode {
+            crate::check::snapshot_pointer_problem(&header)
+        } else {
+            None
+        };
+        let (snapshots, snapshot_table_len) = if snapshot_pointer_problem.is_some() {
+            (Vec::new(), 0)
+        } else {
+            snapshot::read_table(
+                &mut file,
+                header.snapshots_offset,
+                header.nb_snapshots,
+                cluster_size,
+            )?
+        };
         let refcount_blocks = (options.refcount_cache_bytes / cluster_size).max(4) as usize;
         let mut refcounts = Refcounts::load(
             &mut file,
@@ -136,6 +150,7 @@ impl<S: Storage> Image<S> {
         };
         let l2_tables = (options.l2_cache_bytes / cluster_size).max(4) as usize;
         let mut image = Image {
+            snapshot_pointer_problem,
             file,
             cluster_bits: header.cluster_bits,
             cluster_size,

@@ -169,7 +169,10 @@ fn check(spec: &ImageSpec, repair: Repair, json: bool, quiet: bool) -> Result<u8
         }
     };
     for message in &report.messages {
-        eprintln!("{message}");
+        match message.strip_prefix(lib::check::PROGRAM) {
+            Some(text) => eprintln!("{}: {text}", crate::prog::name()),
+            None => eprintln!("{message}"),
+        }
     }
     if let Some(reason) = report.failed {
         // The check itself failed: no results, like qemu-img.

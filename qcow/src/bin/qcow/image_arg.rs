@@ -85,7 +85,9 @@ fn split_commas(text: &str) -> Vec<String> {
         if c == ',' {
             if chars.peek() == Some(&',') {
                 chars.next();
-                items.last_mut().map(|s| s.push(','));
+                if let Some(last) = items.last_mut() {
+                    last.push(',');
+                }
             } else {
                 items.push(String::new());
             }
@@ -200,12 +202,51 @@ pub fn strip_file_prefix(arg: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(arg))
 }
 
-/// `--object` arguments: accepted (this tool needs no secrets or other objects) if well formed.
+/// QOM types qemu-img accepts on its command line (`--object TYPE,id=ID,...`).
+const OBJECT_TYPES: &[&str] = &[
+    "secret",
+    "secret_keyring",
+    "iothread",
+    "throttle-group",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+    "tls-cipher-suites",
+    "authz-simple",
+    "authz-list",
+    "authz-listfile",
+    "authz-pam",
+];
+
+/// `--object` arguments: checked like qemu-img's first steps (a known type and an id; a secret
+/// needs its data), then ignored — this tool needs no secrets or other objects.
 pub fn check_objects(objects: &[&str]) -> Result<(), Fail> {
     for object in objects {
-        let first = object.split(',').next().unwrap_or("");
-        if first.is_empty() || first.contains('=') && !first.starts_with("qom-type=") {
-            return Err(Fail::Report(format!("Parameter 'qom-type' is missing")));
+        let items = split_commas(object);
+        let mut kind = None;
+        let has = |key: &str| items.iter().any(|i| i.starts_with(&format!("{key}=")));
+        for (position, item) in items.iter().enumerate() {
+            match item.split_once('=') {
+                Some(("qom-type", value)) => kind = Some(value.to_string()),
+                None if position == 0 => kind = Some(item.clone()),
+                _ => {}
+            }
+        }
+        let Some(kind) = kind else {
+            return Err(Fail::Report("Parameter 'qom-type' is missing".into()));
+        };
+        if !OBJECT_TYPES.contains(&kind.as_str()) {
+            return Err(Fail::Report(format!(
+                "Parameter 'qom-type' does not accept value '{kind}'"
+            )));
+        }
+        if !has("id") {
+            return Err(Fail::Report("Parameter 'id' is missing".into()));
+        }
+        if kind == "secret" && !has("file") && !has("data") {
+            return Err(Fail::Report(
+                "Either 'file' or 'data' must be provided".into(),
+            ));
         }
     }
     Ok(())
