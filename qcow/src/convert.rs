@@ -266,42 +266,14 @@ impl Settings {
                         image.write_packed(offset + at as u64, data, blob)?;
                     }
                 }
-                Action::Data => match target {
-                    Disk::Raw(raw) if stop - start >= 2 * PARALLEL_MIN => write_in_parallel(
-                        raw.storage_mut().file(),
-                        &buf[start as usize..stop as usize],
-                        offset + start,
-                    )?,
-                    _ => target.write_at(&buf[start as usize..stop as usize], offset + start)?,
-                },
+                Action::Data => {
+                    target.write_at(&buf[start as usize..stop as usize], offset + start)?
+                }
             }
             index += run;
         }
         Ok(())
     }
-}
-
-/// Smallest piece a raw write is split into.
-const PARALLEL_MIN: u64 = 256 << 10;
-
-/// Writes `data` at `offset` of a raw file from two threads at once: the page-cache work of a
-/// buffered write runs on both cores (as QEMU's worker threads do).
-fn write_in_parallel(file: &std::fs::File, data: &[u8], offset: u64) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let half = data.len() / 2;
-    let (first, second) = data.split_at(half);
-    let other = file
-        .try_clone()
-        .map_err(|source| Error::WriteData { offset, source })?;
-    std::thread::scope(|scope| {
-        let helper = scope.spawn(move || other.write_all_at(second, offset + half as u64));
-        let mine = file.write_all_at(first, offset);
-        let theirs = helper
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("a writer thread panicked")));
-        mine.and(theirs)
-    })
-    .map_err(|source| Error::WriteData { offset, source })
 }
 
 impl Action {
