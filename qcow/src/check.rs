@@ -171,6 +171,9 @@ pub fn check_monitored<S: Storage>(
         return Err(Error::ReadOnly);
     }
     image.flush()?;
+    if repair != Repair::None {
+        clear_unknown_autoclear(image)?;
+    }
     let mut findings = Findings::default();
     if let Some(problem) = image.snapshot_pointer_problem {
         let failed = snapshot_pointer_failure(problem, &mut findings);
@@ -213,6 +216,23 @@ pub fn check_monitored<S: Storage>(
         report.failed = second.failed;
     }
     Ok(report)
+}
+
+/// Autoclear bits QEMU knows: bitmaps (0) and raw external data (1).
+const KNOWN_AUTOCLEAR: u64 = 0b11;
+
+/// Like QEMU's read-write open, a repair clears the autoclear bits no known program maintains.
+fn clear_unknown_autoclear<S: Storage>(image: &mut Image<S>) -> Result<()> {
+    let bits = image.header.autoclear_features;
+    if image.header.version < 3 || bits & !KNOWN_AUTOCLEAR == 0 {
+        return Ok(());
+    }
+    image.header.autoclear_features = bits & KNOWN_AUTOCLEAR;
+    image
+        .file
+        .write_at(&image.header.autoclear_features.to_be_bytes(), 88)
+        .map_err(Error::WriteHeader)?;
+    image.file.flush().map_err(Error::Flush)
 }
 
 /// One run of QEMU's `qcow2_check_refcounts`.

@@ -369,13 +369,27 @@ impl Layout {
         write(storage, &l1, self.l1_cluster << self.cluster_bits)?;
         let len = self.file_len();
         if storage.len().map_err(Error::WriteHeader)? < len {
-            storage.set_len(len).map_err(Error::SetLen)?;
+            match storage.set_len(len) {
+                Ok(()) => {}
+                // A device cannot be resized (and qemu-img never tries): what was written is
+                // judged by reopening it.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
+                Err(e) => return Err(Error::SetLen(e)),
+            }
         }
         // Ordering: every table is durable before the header that points at them.
-        storage.flush().map_err(Error::Flush)?;
+        flush(storage)?;
         cluster0.resize(cluster_size as usize, 0);
         write(storage, &cluster0, 0)?;
-        storage.flush().map_err(Error::Flush)
+        flush(storage)
+    }
+}
+
+/// A barrier; a device that cannot sync (`EINVAL`, e.g. /dev/null) counts as synced, as in QEMU.
+fn flush<S: Storage + ?Sized>(storage: &mut S) -> Result<()> {
+    match storage.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::InvalidInput => Err(Error::Flush(e)),
+        _ => Ok(()),
     }
 }
 

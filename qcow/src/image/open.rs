@@ -9,7 +9,7 @@ use super::{Image, OpenOptions};
 use crate::backing::{open_backing_with, resolve_backing_path};
 use crate::cache::TableCache;
 use crate::disk::open_error;
-use crate::error::{Corruption, Error, HeaderProblem, Result};
+use crate::error::{Corruption, Error, Result};
 use crate::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::raw::{open_options_direct, AlignedBuf, FileStorage, Storage};
 use crate::refcount::Refcounts;
@@ -56,9 +56,8 @@ impl<S: Storage> Image<S> {
         let file_len = file.len().map_err(Error::ReadHeader)?;
         let mut first = vec![0u8; 104];
         file.read_at(&mut first, 0).map_err(Error::ReadHeader)?;
-        if file_len < 72 {
-            return Err(HeaderProblem::FileTooShort(file_len).into());
-        }
+        // A file shorter than a header reads as zeros past its end (as in QEMU), so it fails the
+        // header's own checks (bad magic, header too short, ...).
         // Learn the cluster size, then read the whole header cluster (bounded by cluster_bits ≤ 21).
         let cluster_bits = BigEndian::read_u32(&first[20..]);
         let header_bytes = if (9..=21).contains(&cluster_bits) {

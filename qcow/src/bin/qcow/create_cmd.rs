@@ -337,6 +337,16 @@ fn open_backing_for_create(
 
 fn create_raw(path: &Path, opts: &Opts) -> Result<(), String> {
     let size = opts.get_number("size").unwrap_or(0);
+    if let Some(device_len) = device_length(path) {
+        // qemu-img's file layer never resizes a device: it must already be big enough.
+        if let Some(mode) = opts.get_str("preallocation").filter(|m| *m != "off") {
+            return Err(format!("Unsupported preallocation mode '{mode}'"));
+        }
+        if size > device_len {
+            return Err("Cannot grow device files".into());
+        }
+        return Ok(());
+    }
     let preallocation = match opts.get_str("preallocation") {
         None | Some("off") => Preallocation::Off,
         Some("falloc") => Preallocation::Falloc,
@@ -359,6 +369,19 @@ fn create_raw(path: &Path, opts: &Opts) -> Result<(), String> {
     check_extent_size_hint(opts)?;
     qcow::create::create_raw_with(path, size, preallocation)
         .map_err(|e| create_error_text(path, &e))
+}
+
+/// The size of `path` if it is a block or character device (which qemu-img never truncates).
+fn device_length(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let kind = meta.file_type();
+    if !(kind.is_block_device() || kind.is_char_device()) {
+        return None;
+    }
+    let mut file = std::fs::File::open(path).ok()?;
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::End(0)).ok()
 }
 
 fn check_extent_size_hint(opts: &Opts) -> Result<(), String> {
@@ -466,7 +489,16 @@ fn create_qcow2(path: &Path, opts: &Opts) -> Result<(), String> {
     options.validate().map_err(|e| e.to_string())?;
     check_extent_size_hint(opts)?;
     // The backing file was opened (or deliberately not) before the Formatting line.
-    qcow::create::create_with(path, &options, false).map_err(|e| create_error_text(path, &e))
+    qcow::create::create_with(path, &options, false).map_err(|e| create_error_text(path, &e))?;
+    // Like qemu-img, open what was written: a device that swallowed the writes (/dev/null) is
+    // not an image.
+    let reopen = qcow::OpenOptions {
+        read_only: true,
+        no_backing: true,
+        ..qcow::OpenOptions::default()
+    };
+    qcow::Image::open(path, &reopen).map_err(|e| format_error_text(&e))?;
+    Ok(())
 }
 
 /// qemu-img's wording for a failure to write the new image.
@@ -478,6 +510,10 @@ fn create_error_text(path: &Path, error: &LibError) -> String {
             image_arg::errno_text(source)
         ),
         LibError::InvalidOption(problem) => problem.to_string(),
+        LibError::WriteHeader(source) | LibError::Flush(source) => format!(
+            "Could not write qcow2 header: {}",
+            image_arg::errno_text(source)
+        ),
         other => format!("Could not create '{}': {other}", path.display()),
     }
 }

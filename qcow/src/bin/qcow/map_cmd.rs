@@ -171,13 +171,19 @@ fn raw_map(path: &Path) -> qcow::Result<Vec<MapEntry>> {
         source,
     })?;
     let mut storage = qcow::FileStorage::new(handle);
-    let size = storage.len().map_err(qcow::Error::ReadHeader)?;
+    let file_len = storage.len().map_err(qcow::Error::ReadHeader)?;
+    // The block layer counts whole sectors: the tail past the end of the file reads as zeros.
+    let size = file_len.div_ceil(512) * 512;
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut offset = 0;
     while offset < size {
-        let (is_data, run) = storage
-            .extent_at(offset, size - offset)
-            .map_err(qcow::Error::ReadHeader)?;
+        let (is_data, run) = if offset < file_len {
+            storage
+                .extent_at(offset, file_len - offset)
+                .map_err(qcow::Error::ReadHeader)?
+        } else {
+            (false, size - offset)
+        };
         let entry = MapEntry {
             start: offset,
             length: run.max(1),
@@ -190,7 +196,10 @@ fn raw_map(path: &Path) -> qcow::Result<Vec<MapEntry>> {
             file: Some(path.to_path_buf()),
         };
         offset += entry.length;
-        entries.push(entry);
+        match entries.last_mut() {
+            Some(last) if last.data == entry.data => last.length += entry.length,
+            _ => entries.push(entry),
+        }
     }
     Ok(entries)
 }
