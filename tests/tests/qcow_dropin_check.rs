@@ -42,8 +42,11 @@ fn set_refcount(bytes: &mut [u8], cluster: usize, value: u64) {
     put(bytes, block + cluster * 2, value, 2);
 }
 
+/// How a copy of the base image is damaged.
+type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+
 /// Damaged images: (name, how the base image is damaged).
-fn damaged() -> Vec<(&'static str, Box<dyn Fn(&mut Vec<u8>)>)> {
+fn damaged() -> Vec<(&'static str, Damage)> {
     vec![
         ("leak", Box::new(|b: &mut Vec<u8>| set_refcount(b, 8, 1))),
         ("refcount-too-low", Box::new(|b| set_refcount(b, 5, 0))),
