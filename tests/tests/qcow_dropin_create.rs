@@ -159,3 +159,82 @@ fn usage_errors_match_qemu_img() {
         prepare,
     );
 }
+
+/// A write or flush that fails at the end (a full device), devices that cannot be resized, and a
+/// device that swallows the image (`/dev/null`, judged by reopening it): qemu-img's messages and
+/// exit codes.
+#[test]
+fn final_write_and_flush_failures_match_qemu_img() {
+    if skip_without_qemu() {
+        return;
+    }
+    assert_table(
+        &[
+            "create -f qcow2 /dev/full 1M",
+            "create -f qcow2 -o preallocation=full /dev/full 1M",
+            "create -f qcow2 -o preallocation=metadata /dev/full 1M",
+            "create -f raw -o preallocation=full /dev/full 1M",
+            "create -f raw /dev/full 0",
+            "create -f qcow2 /dev/null 1M",
+            "create -f raw /dev/null 1M",
+        ],
+        prepare,
+    );
+}
+
+/// The documented differences (README, "What still differs"): encryption and network protocols are
+/// refused with these exact messages.
+#[test]
+fn out_of_scope_features_are_refused_with_the_documented_messages() {
+    if skip_without_qemu() {
+        return;
+    }
+    let twin = cowvm_tests::dropin::Twin::new();
+    twin.prepare(prepare);
+    let (_, out) = twin.run(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks",
+        "e.q",
+        "1M",
+    ]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr,
+        "qcow: e.q: Encrypted images are not supported by this tool (LUKS and AES encryption are \
+         out of scope)\n"
+    );
+    assert!(!twin.qcow_dir().join("e.q").exists());
+    let (_, out) = twin.run(&["info", "nbd://localhost:10809/export"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr,
+        "qcow: Could not open 'nbd://localhost:10809/export': Protocol 'nbd' is not supported by \
+         this tool (local files only)\n"
+    );
+    // A LUKS image made by qemu-img.
+    qemu_img_in(
+        twin.qcow_dir(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s0,data=123456",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            "luks.q",
+            "1M",
+        ],
+    );
+    let (_, out) = twin.run(&["info", "luks.q"]);
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr,
+        "qcow: Could not open 'luks.q': LUKS-encrypted images are not supported by this tool \
+         (encryption is out of scope)\n"
+    );
+}

@@ -490,8 +490,11 @@ fn create_qcow2(path: &Path, opts: &Opts) -> Result<(), String> {
     check_extent_size_hint(opts)?;
     // The backing file was opened (or deliberately not) before the Formatting line.
     qcow::create::create_with(path, &options, false).map_err(|e| create_error_text(path, &e))?;
-    // Like qemu-img, open what was written: a device that swallowed the writes (/dev/null) is
-    // not an image.
+    if device_length(path).is_none() {
+        return Ok(());
+    }
+    // Like qemu-img, open what was written to a device: one that swallowed the writes
+    // (/dev/null) holds no image.
     let reopen = qcow::OpenOptions {
         read_only: true,
         no_backing: true,

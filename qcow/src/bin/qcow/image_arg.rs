@@ -315,14 +315,26 @@ pub fn format_error_text(error: &LibError) -> String {
             path.display(),
             errno_text(source)
         ),
-        LibError::OpenBacking { path, source } => match source.as_ref() {
-            LibError::OpenFile { source: io, .. } => format!(
-                "Could not open backing file: Could not open '{}': {}",
-                path.display(),
-                errno_text(io)
-            ),
-            other => format!("Could not open backing file: {}", format_error_text(other)),
-        },
+        LibError::OpenBacking { path, source } => {
+            // Nested backing files: name the file that failed, once.
+            let (mut path, mut inner) = (path, source.as_ref());
+            while let LibError::OpenBacking {
+                path: deeper,
+                source,
+            } = inner
+            {
+                path = deeper;
+                inner = source.as_ref();
+            }
+            match inner {
+                LibError::OpenFile { source: io, .. } => format!(
+                    "Could not open backing file: Could not open '{}': {}",
+                    path.display(),
+                    errno_text(io)
+                ),
+                other => format!("Could not open backing file: {}", format_error_text(other)),
+            }
+        }
         LibError::BadMagic(_) => "Image is not in qcow2 format".into(),
         LibError::UnsupportedVersion(version) => format!("Unsupported qcow2 version {version}"),
         LibError::InvalidClusterBits(bits) => format!("Unsupported cluster size: 2^{bits}"),
@@ -369,7 +381,10 @@ fn header_problem_text(problem: &HeaderProblem) -> String {
         HeaderProblem::BackingOffsetOutsideCluster(_) | HeaderProblem::BackingNamePastEnd => {
             "Invalid backing file offset".into()
         }
-        HeaderProblem::Encrypted(2) => "Missing CRYPTO header for crypt method 2".into(),
+        HeaderProblem::Encrypted(2) => {
+            "LUKS-encrypted images are not supported by this tool (encryption is out of scope)"
+                .into()
+        }
         HeaderProblem::Encrypted(1) => {
             "AES-encrypted images are not supported by this tool (encryption is out of scope)"
                 .into()
