@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
 use crate::raw::{open_options_direct, FileStorage};
 
-/// Deepest backing chain followed.
+/// Deepest backing chain followed unless [`OpenOptions::max_backing_depth`] says otherwise.
 pub const MAX_BACKING_DEPTH: usize = 16;
 
 /// Resolves a backing file name against the directory of the image that names it.
@@ -42,8 +42,8 @@ pub fn open_backing_with(
         path: path.to_path_buf(),
         source: Box::new(source),
     };
-    if depth >= MAX_BACKING_DEPTH {
-        return Err(Error::BackingChainTooDeep(MAX_BACKING_DEPTH));
+    if depth >= parent.max_backing_depth {
+        return Err(Error::BackingChainTooDeep(parent.max_backing_depth));
     }
     let options = OpenOptions {
         read_only: true,
@@ -78,5 +78,46 @@ pub fn open_backing_with(
                     .map_err(wrap)?;
             Ok(Disk::Qcow2(Box::new(image)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{create, CreateOptions};
+
+    #[test]
+    fn the_depth_limit_comes_from_the_open_options() {
+        let dir = std::env::temp_dir().join(format!("qcow-depth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // base <- mid <- top: two images below the top.
+        let mut below: Option<String> = None;
+        for name in ["base", "mid", "top"] {
+            let options = CreateOptions {
+                size: 1 << 20,
+                backing_file: below.clone(),
+                backing_format: below.as_ref().map(|_| "qcow2".to_string()),
+                ..CreateOptions::default()
+            };
+            create(&dir.join(name), &options).unwrap();
+            below = Some(name.to_string());
+        }
+        let open = |max_backing_depth| {
+            let options = OpenOptions {
+                read_only: true,
+                max_backing_depth,
+                ..OpenOptions::default()
+            };
+            Image::open(dir.join("top"), &options).map(|_| ())
+        };
+        assert!(open(2).is_ok());
+        let err = open(1).unwrap_err();
+        assert!(
+            err.to_string().contains("deeper than 1 images")
+                || format!("{err:?}").contains("BackingChainTooDeep(1)"),
+            "{err:?}"
+        );
+        assert!(open(MAX_BACKING_DEPTH).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

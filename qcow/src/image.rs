@@ -47,6 +47,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Bypass the host page cache (`O_DIRECT`, qemu's `cache=none`).
     pub direct: bool,
+    /// Most images a backing chain may hold below this one ([`MAX_BACKING_DEPTH`] by default;
+    /// the VMM raises it for the chains its snapshots build, one overlay per snapshot).
+    pub max_backing_depth: usize,
 }
 
 impl Default for OpenOptions {
@@ -59,6 +62,7 @@ impl Default for OpenOptions {
             sync: true,
             no_backing: false,
             direct: false,
+            max_backing_depth: MAX_BACKING_DEPTH,
         }
     }
 }
