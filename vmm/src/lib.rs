@@ -9,6 +9,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod dirty;
+pub mod disk;
 pub mod fork;
 pub mod kvm;
 pub mod loader;
