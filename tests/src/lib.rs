@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub mod bench_util;
+pub mod disk_harness;
 pub mod dropin;
 pub mod qcow_harness;
 pub mod vmm_harness;

@@ -101,6 +101,8 @@ fn strace_calls(log: &str) -> Vec<String> {
         let Some((tid, rest)) = line.split_once(' ') else {
             continue;
         };
+        // strace pads short pids ("4989  openat(…"), so the call may follow several spaces.
+        let rest = rest.trim_start();
         if let Some(start) = rest.strip_suffix(" <unfinished ...>") {
             pending.insert(tid.to_string(), start.to_string());
         } else if let Some((_, end)) = rest.split_once(" resumed>") {

@@ -324,6 +324,8 @@ mod tests {
             ram_size: 8 << 20,
             clone_generation: 0,
             args: "seed=3",
+            devices: [boot_info::DeviceWindow::default(); boot_info::MAX_DEVICES],
+            device_count: 0,
         };
         write_boot_info(&memory, &info).unwrap();
         let mut page = [0u8; boot_info::ENCODED_LEN];

@@ -9,7 +9,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cowvm_guest_abi::layout::{EXIT_PORT, SERIAL_PORT};
+use cowvm_guest_abi::boot_info::{DeviceWindow, MAX_DEVICES};
+use cowvm_guest_abi::disk::BLOCK_SIZE;
+use cowvm_guest_abi::layout::{EXIT_PORT, SERIAL_PORT, VIRTIO_MMIO_SIZE};
 use cowvm_guest_abi::BootInfo;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
@@ -19,7 +21,9 @@ use crate::config::{ConfigError, GuestImage, SerialOutput, VmConfig};
 use crate::devices::bus::OverlapError;
 use crate::devices::exit::ExitDevice;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::{MmioTransport, VirtioBlock};
 use crate::devices::Bus;
+use crate::disk::{open_disk, AttachedDisk, DiskSpec, OpenDiskError, OpenedDisk};
 use crate::kvm::{host_limits, open_kvm, KvmError};
 use crate::loader::{self, LoadError};
 use crate::machine::{Machine, MachineParts, VmEvent};
@@ -55,6 +59,15 @@ pub enum BuildError {
     SerialState(#[from] crate::devices::serial::SerialRestoreError),
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Disk(#[from] OpenDiskError),
+    #[error("--disk {path}: {size} bytes is smaller than the guest's disk workload needs ({needed} bytes for disk_blocks={blocks}); lower disk_blocks or use a larger disk")]
+    DiskTooSmallForWorkload {
+        path: PathBuf,
+        size: u64,
+        needed: u64,
+        blocks: u64,
+    },
     #[error("cannot create the serial output file {path}: {source}")]
     SerialFile {
         path: PathBuf,
@@ -67,7 +80,19 @@ pub enum BuildError {
 pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
     // Ordering: everything that needs no KVM (flags, RAM, the guest image) is checked first, so
     // a bad flag or file is reported as such on any host.
-    config.validate_flags(host_ram_bytes())?;
+    let args = config.validate_flags(host_ram_bytes())?;
+    let opened = open_disks(&config.disks)?;
+    if let (Some(args), Some(first)) = (args.filter(|a| a.uses_disk()), opened.first()) {
+        let needed = args.disk_blocks * BLOCK_SIZE;
+        if first.1.backend.size() < needed {
+            return Err(BuildError::DiskTooSmallForWorkload {
+                path: first.0.path.clone(),
+                size: first.1.backend.size(),
+                needed,
+                blocks: args.disk_blocks,
+            });
+        }
+    }
     let created_at = Instant::now();
     let memory = create_guest_memory(config.mem_size)?;
     let entry = match &config.guest {
@@ -83,6 +108,8 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
             ram_size: config.mem_size,
             clone_generation: 0,
             args: &config.args,
+            devices: device_windows(opened.len()),
+            device_count: opened.len() as u32,
         },
     )?;
     let kvm = open_kvm(&config.kvm_device)?;
@@ -93,7 +120,12 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
     vm.set_dirty_log_mode(MemoryOrigin::Boot)?;
     let vm = vm.register_memory(memory)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_out)));
-    let (events, buses) = wire_devices(&serial)?;
+    let disks: Vec<AttachedDisk> = opened
+        .into_iter()
+        .enumerate()
+        .map(|(index, (spec, opened))| attach_disk(&vm, index, &spec, opened))
+        .collect();
+    let (events, buses) = wire_devices(&serial, &disks)?;
 
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -117,6 +149,7 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
         parent: None,
         mapped: None,
         kvm_device: config.kvm_device.clone(),
+        disks,
     };
     start(vcpus, RunState::Running, parts)
 }
@@ -223,7 +256,8 @@ pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError>
         serial_out,
         &state.serial,
     )?));
-    let (events, buses) = wire_devices(&serial)?;
+    let disks = Vec::new();
+    let (events, buses) = wire_devices(&serial, &disks)?;
     let sink = event_sink(&events.0);
     let mut vcpus = Vec::with_capacity(vcpu_count as usize);
     for (index, vcpu_state) in state.vcpus.iter().enumerate() {
@@ -241,6 +275,7 @@ pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError>
         parent,
         mapped,
         kvm_device,
+        disks,
     };
     start(vcpus, initial, parts)
 }
@@ -270,8 +305,44 @@ fn event_sink(events: &mpsc::Sender<VmEvent>) -> EventSink {
     })
 }
 
-/// The port bus with COM1 and the exit device, and an empty MMIO bus.
-fn wire_devices(serial: &Arc<Mutex<SerialDevice>>) -> Result<(Events, Buses), BuildError> {
+/// Opens every `--disk` (before KVM is touched, so a bad disk is reported on any host).
+fn open_disks(specs: &[DiskSpec]) -> Result<Vec<(DiskSpec, OpenedDisk)>, BuildError> {
+    specs
+        .iter()
+        .map(|spec| Ok((spec.clone(), open_disk(spec)?)))
+        .collect()
+}
+
+/// The device table of the boot-info page: disk `i` at window `i`.
+fn device_windows(count: usize) -> [DeviceWindow; MAX_DEVICES] {
+    std::array::from_fn(|i| {
+        if i < count {
+            AttachedDisk::window(i)
+        } else {
+            DeviceWindow::default()
+        }
+    })
+}
+
+/// A virtio-blk device for an open disk, over the VM's RAM.
+fn attach_disk(vm: &Vm, index: usize, spec: &DiskSpec, opened: OpenedDisk) -> AttachedDisk {
+    let read_only = spec.read_only || opened.backend.read_only();
+    let block = VirtioBlock::new(index, opened.backend, read_only);
+    AttachedDisk {
+        index,
+        device: Arc::new(Mutex::new(MmioTransport::new(block, vm.memory().clone()))),
+        top: spec.path.clone(),
+        format: opened.format,
+        read_only,
+        overlay: false,
+    }
+}
+
+/// The port bus with COM1 and the exit device, and the MMIO bus with the disks.
+fn wire_devices(
+    serial: &Arc<Mutex<SerialDevice>>,
+    disks: &[AttachedDisk],
+) -> Result<(Events, Buses), BuildError> {
     let (events_tx, events_rx) = mpsc::channel();
     let mut pio = Bus::new("PIO");
     pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
@@ -280,7 +351,11 @@ fn wire_devices(serial: &Arc<Mutex<SerialDevice>>) -> Result<(Events, Buses), Bu
         2,
         Arc::new(Mutex::new(ExitDevice::new(event_sink(&events_tx)))),
     )?;
-    let mmio = Bus::new("MMIO");
+    let mut mmio = Bus::new("MMIO");
+    for disk in disks {
+        let window = AttachedDisk::window(disk.index);
+        mmio.insert(window.base, VIRTIO_MMIO_SIZE, disk.device.clone())?;
+    }
     Ok(((events_tx, events_rx), (Arc::new(pio), Arc::new(mmio))))
 }
 

@@ -2,8 +2,12 @@
 
 use std::path::PathBuf;
 
-use cowvm_guest_abi::layout::{max_workload_pages, MAX_VCPUS, MIN_RAM, PAGE_SIZE};
+use cowvm_guest_abi::layout::{
+    max_workload_pages, DISK_AREA_PAGES, MAX_DEVICES, MAX_VCPUS, MIN_RAM, PAGE_SIZE,
+};
 use cowvm_guest_abi::WorkloadArgs;
+
+use crate::disk::DiskSpec;
 
 /// Default guest RAM.
 pub const DEFAULT_MEM_SIZE: u64 = 64 << 20;
@@ -33,6 +37,8 @@ pub struct VmConfig {
     pub guest: GuestImage,
     pub serial: SerialOutput,
     pub kvm_device: PathBuf,
+    /// `--disk` flags, in order: disk `i` is virtio-mmio device `i`.
+    pub disks: Vec<DiskSpec>,
 }
 
 impl Default for VmConfig {
@@ -44,6 +50,7 @@ impl Default for VmConfig {
             guest: GuestImage::BuiltIn,
             serial: SerialOutput::Stdout,
             kvm_device: PathBuf::from("/dev/kvm"),
+            disks: Vec::new(),
         }
     }
 }
@@ -87,6 +94,12 @@ pub enum ConfigError {
     TooManyPages { pages: u64, max: u64, mem_size: u64 },
     #[error("--args is {len} bytes long; the boot-info page holds at most {max}")]
     ArgsTooLong { len: usize, max: usize },
+    #[error("--disk given {count} times; the guest's boot-info page lists at most {max} devices")]
+    TooManyDisks { count: usize, max: usize },
+    #[error("--args {arg}: the guest's disk workload needs a disk; add --disk PATH")]
+    DiskWorkloadWithoutDisk { arg: &'static str },
+    #[error("--args pages={pages} with the disk workload: {mem_size} bytes of RAM hold at most {max} workload pages besides the disk driver's {DISK_AREA_PAGES}; raise --mem or lower pages")]
+    NoRoomForDiskArea { pages: u64, max: u64, mem_size: u64 },
 }
 
 impl VmConfig {
@@ -126,6 +139,12 @@ impl VmConfig {
                 abi: MAX_VCPUS,
             });
         }
+        if self.disks.len() > MAX_DEVICES {
+            return Err(ConfigError::TooManyDisks {
+                count: self.disks.len(),
+                max: MAX_DEVICES,
+            });
+        }
         let max_len = cowvm_guest_abi::boot_info::MAX_ARGS_LEN;
         if self.args.len() > max_len {
             return Err(ConfigError::ArgsTooLong {
@@ -145,6 +164,19 @@ impl VmConfig {
                 max,
                 mem_size: size,
             });
+        }
+        if args.uses_disk() {
+            if self.disks.is_empty() {
+                let arg = if args.disk { "disk=1" } else { "disk_bench" };
+                return Err(ConfigError::DiskWorkloadWithoutDisk { arg });
+            }
+            if args.pages + DISK_AREA_PAGES > max {
+                return Err(ConfigError::NoRoomForDiskArea {
+                    pages: args.pages,
+                    max: max.saturating_sub(DISK_AREA_PAGES),
+                    mem_size: size,
+                });
+            }
         }
         Ok(Some(args))
     }
@@ -248,7 +280,7 @@ mod tests {
         assert_eq!(
             config(1, "color=red").validate(&LIMITS),
             Err(ConfigError::BadGuestArgs(
-                "unknown guest argument `color` (known: pages, rounds, seed, write, gen_rounds, wait)".into()
+                "unknown guest argument `color` (known: pages, rounds, seed, write, gen_rounds, wait, disk, disk_blocks, disk_batch, disk_bench)".into()
             ))
         );
         assert!(matches!(
@@ -264,5 +296,26 @@ mod tests {
             ..config(1, "anything")
         };
         assert_eq!(custom.validate(&LIMITS), Ok(None));
+        assert_eq!(
+            config(1, "disk=1").validate(&LIMITS),
+            Err(ConfigError::DiskWorkloadWithoutDisk { arg: "disk=1" })
+        );
+        let with_disk = |args: &str| VmConfig {
+            disks: vec![DiskSpec::parse("d.qcow2").unwrap()],
+            ..config(1, args)
+        };
+        assert!(with_disk("disk=1").validate(&LIMITS).is_ok());
+        assert!(matches!(
+            with_disk("disk=1 pages=15300").validate(&LIMITS),
+            Err(ConfigError::NoRoomForDiskArea { max: 15224, .. })
+        ));
+        let nine = VmConfig {
+            disks: vec![DiskSpec::parse("d").unwrap(); 9],
+            ..config(1, "")
+        };
+        assert_eq!(
+            nine.validate(&LIMITS),
+            Err(ConfigError::TooManyDisks { count: 9, max: 8 })
+        );
     }
 }

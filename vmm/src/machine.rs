@@ -15,6 +15,7 @@ use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
 use crate::fork::{self, ChildEvent, ForkError, LiveOps, LiveWriter, WriterJob};
+use crate::disk::AttachedDisk;
 use crate::snapshot::persist::Persist;
 use crate::snapshot::staging::StagingDir;
 use crate::snapshot::state::{MemoryState, ParentRef, SnapshotKind, SnapshotState, VmState};
@@ -53,6 +54,10 @@ pub enum MachineError {
     MappedFile(#[from] MappedFileChanged),
     #[error("vCPU {index}: KVM_RUN failed: Bad address — guest RAM could not be read; it maps the snapshot memory file {path}: was that file changed while in use?")]
     GuestRamUnreadable { index: u32, path: String },
+    #[error(
+        "this VM has disks, and snapshots do not freeze disks yet; run without --disk to snapshot"
+    )]
+    DisksNotSnapshotted,
     #[error("refusing to publish a snapshot holding {saved} of the VM's {vcpus} vCPUs")]
     MissingVcpuState { saved: usize, vcpus: usize },
     #[error(transparent)]
@@ -74,6 +79,8 @@ pub struct MachineParts {
     pub mapped: Option<MappedFile>,
     /// The KVM device the VM was created with (a forked child creates its VM there).
     pub kvm_device: PathBuf,
+    /// The disks, disk `i` at virtio-mmio window `i`.
+    pub disks: Vec<AttachedDisk>,
 }
 
 /// What a snapshot request produced.
@@ -103,6 +110,7 @@ pub struct Machine {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
     mapped: Option<MappedFile>,
+    disks: Vec<AttachedDisk>,
     /// Every vCPU acknowledged a pause and none was resumed since.
     paused: bool,
     halted: usize,
@@ -133,6 +141,7 @@ impl Machine {
             mmio: parts.buses.1,
             serial: parts.serial,
             mapped: parts.mapped,
+            disks: parts.disks,
             paused: initial == RunState::Paused,
             halted: 0,
             parent: parts.parent,
@@ -238,6 +247,9 @@ impl Machine {
     ) -> Result<SnapshotReport, MachineError> {
         let started = Instant::now();
         self.live.ensure_idle()?;
+        if !self.disks.is_empty() {
+            return Err(MachineError::DisksNotSnapshotted);
+        }
         if kind == SnapshotKind::Diff && self.parent.is_none() {
             return Err(SnapshotError::NoParent.into());
         }
@@ -542,6 +554,7 @@ impl Machine {
             "memory_file": self.mapped.as_ref().map(|m| m.path().display().to_string()),
             "unmapped_pio_accesses": pio,
             "unmapped_mmio_accesses": mmio,
+            "disks": self.disks.iter().map(AttachedDisk::stats).collect::<Vec<_>>(),
         });
         fork::merge(&mut stats, &self.live.stats());
         Ok(stats)
@@ -692,10 +705,16 @@ impl Machine {
         }
     }
 
-    /// Stops and joins every vCPU thread.
+    /// Stops and joins every vCPU thread, then flushes the disks (a failure is reported, not
+    /// swallowed by a destructor).
     pub fn stop(&mut self) {
         for vcpu in &mut self.vcpus {
             vcpu.stop();
+        }
+        for disk in &self.disks {
+            if let Err(e) = disk.lock().device_mut().close() {
+                tracing::error!("disk {}: final flush failed: {e}", disk.index);
+            }
         }
     }
 }

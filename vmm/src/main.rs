@@ -10,6 +10,7 @@ use vmm::config::{parse_size, GuestImage, SerialOutput, VmConfig, DEFAULT_MEM_SI
 use vmm::api::ApiRequest;
 use vmm::builder::RestoreOptions;
 use vmm::devices::serial::FIRST_ACCESS_AT;
+use vmm::disk::DiskSpec;
 use vmm::snapshot::state::SnapshotKind;
 
 #[derive(Parser, Debug)]
@@ -152,9 +153,18 @@ struct RunArgs {
     /// Serve the control socket (pause, resume, snapshot, stats, shutdown) at PATH.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Attach a disk image as a virtio-blk device (repeatable: disk i is device i). The
+    /// format is probed when not given, as qemu-img does; backing files must have theirs
+    /// recorded. A comma in PATH is written `,,`.
+    #[arg(long, value_name = "PATH[,readonly][,format=qcow2|raw]", value_parser = parse_disk_arg)]
+    disk: Vec<DiskSpec>,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     kvm_device: PathBuf,
+}
+
+fn parse_disk_arg(text: &str) -> Result<DiskSpec, String> {
+    DiskSpec::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_size_arg(text: &str) -> Result<String, String> {
@@ -320,6 +330,7 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<u8> {
         guest: args.guest.map_or(GuestImage::BuiltIn, GuestImage::File),
         serial: args.serial.map_or(SerialOutput::Stdout, SerialOutput::File),
         kvm_device: args.kvm_device,
+        disks: args.disk,
     };
     let mut machine = vmm::builder::build(&config)?;
     run_machine(

@@ -1,5 +1,6 @@
-//! The guest's argument string: `pages=N rounds=R seed=S write=P gen_rounds=E wait=0|1`, parsed
-//! the same way by the VMM (to reject bad arguments before boot) and by the guest.
+//! The guest's argument string: `pages=N rounds=R seed=S write=P gen_rounds=E wait=0|1` and the
+//! disk workload's `disk=0|1 disk_blocks=B disk_batch=Q disk_bench=N`, parsed the same way by the
+//! VMM (to reject bad arguments before boot) and by the guest.
 
 /// Workload parameters. `Default` finishes in well under a second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +18,18 @@ pub struct WorkloadArgs {
     pub gen_rounds: u64,
     /// Wait for a nonzero generation id before any work (a warm template to clone).
     pub wait: bool,
+    /// Run the disk workload on the first disk (see [`crate::disk`]).
+    pub disk: bool,
+    /// 4 KiB blocks at the start of the disk that the disk workload and benchmark use.
+    pub disk_blocks: u64,
+    /// Requests the guest puts in the queue before one notification (1 to 128).
+    pub disk_batch: u64,
+    /// After the workload, time this many 4 KiB requests of each benchmark phase (0: none).
+    pub disk_bench: u64,
 }
+
+/// Most requests the guest's disk driver has in flight (its request slots).
+pub const MAX_DISK_BATCH: u64 = 128;
 
 impl Default for WorkloadArgs {
     fn default() -> Self {
@@ -28,7 +40,18 @@ impl Default for WorkloadArgs {
             write_percent: 50,
             gen_rounds: 0,
             wait: false,
+            disk: false,
+            disk_blocks: 256,
+            disk_batch: MAX_DISK_BATCH,
+            disk_bench: 0,
         }
+    }
+}
+
+impl WorkloadArgs {
+    /// Whether the guest uses a disk at all.
+    pub const fn uses_disk(&self) -> bool {
+        self.disk || self.disk_bench > 0
     }
 }
 
@@ -51,7 +74,7 @@ impl core::fmt::Display for ArgError<'_> {
             }
             Self::UnknownKey(key) => write!(
                 f,
-                "unknown guest argument `{key}` (known: pages, rounds, seed, write, gen_rounds, wait)"
+                "unknown guest argument `{key}` (known: pages, rounds, seed, write, gen_rounds, wait, disk, disk_blocks, disk_batch, disk_bench)"
             ),
             Self::BadValue { key, value } => match *key {
                 "write" => write!(
@@ -59,7 +82,14 @@ impl core::fmt::Display for ArgError<'_> {
                     "guest argument write={value}: expected a percentage 0-100"
                 ),
                 "pages" => write!(f, "guest argument pages={value}: expected a number >= 1"),
-                "wait" => write!(f, "guest argument wait={value}: expected 0 or 1"),
+                "wait" | "disk" => write!(f, "guest argument {key}={value}: expected 0 or 1"),
+                "disk_blocks" => {
+                    write!(f, "guest argument disk_blocks={value}: expected a number >= 1")
+                }
+                "disk_batch" => write!(
+                    f,
+                    "guest argument disk_batch={value}: expected a number from 1 to {MAX_DISK_BATCH}"
+                ),
                 _ => write!(f, "guest argument {key}={value}: expected a decimal number"),
             },
         }
@@ -74,9 +104,8 @@ impl WorkloadArgs {
             let (key, value) = word.split_once('=').ok_or(ArgError::NotKeyValue(word))?;
             let bad = ArgError::BadValue { key, value };
             let number: u64 = match key {
-                "pages" | "rounds" | "seed" | "write" | "gen_rounds" | "wait" => {
-                    value.parse().map_err(|_| bad)?
-                }
+                "pages" | "rounds" | "seed" | "write" | "gen_rounds" | "wait" | "disk"
+                | "disk_blocks" | "disk_batch" | "disk_bench" => value.parse().map_err(|_| bad)?,
                 _ => return Err(ArgError::UnknownKey(key)),
             };
             match key {
@@ -87,6 +116,13 @@ impl WorkloadArgs {
                 "gen_rounds" => args.gen_rounds = number,
                 "wait" if number > 1 => return Err(bad),
                 "wait" => args.wait = number == 1,
+                "disk" if number > 1 => return Err(bad),
+                "disk" => args.disk = number == 1,
+                "disk_blocks" if number == 0 => return Err(bad),
+                "disk_blocks" => args.disk_blocks = number,
+                "disk_batch" if number == 0 || number > MAX_DISK_BATCH => return Err(bad),
+                "disk_batch" => args.disk_batch = number,
+                "disk_bench" => args.disk_bench = number,
                 _ if number > 100 => return Err(bad),
                 _ => args.write_percent = number,
             }
@@ -115,6 +151,13 @@ mod tests {
         );
         let template = WorkloadArgs::parse("gen_rounds=3 wait=1").unwrap();
         assert_eq!((template.gen_rounds, template.wait), (3, true));
+        assert!(!template.uses_disk());
+        let disk = WorkloadArgs::parse("disk=1 disk_blocks=64 disk_batch=8").unwrap();
+        assert_eq!(
+            (disk.disk, disk.disk_blocks, disk.disk_batch),
+            (true, 64, 8)
+        );
+        assert!(WorkloadArgs::parse("disk_bench=100").unwrap().uses_disk());
     }
 
     #[test]
@@ -146,6 +189,16 @@ mod tests {
             Err(ArgError::BadValue {
                 key: "wait",
                 value: "2"
+            })
+        );
+        for bad in ["disk=2", "disk_blocks=0", "disk_batch=0", "disk_batch=129"] {
+            assert!(WorkloadArgs::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            WorkloadArgs::parse("disk_batch=200"),
+            Err(ArgError::BadValue {
+                key: "disk_batch",
+                value: "200"
             })
         );
         assert_eq!(

@@ -36,6 +36,17 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Smallest RAM that holds the fixed areas above and one workload page.
 pub const MIN_RAM: u64 = WORKLOAD_ADDR + PAGE_SIZE;
 
+/// First virtio-mmio device window, at the start of the MMIO hole; device `i` is at
+/// `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE` (the boot-info page lists them).
+pub const VIRTIO_MMIO_BASE: u64 = MMIO_GAP_START;
+/// Size of one virtio-mmio window (registers, then the device's config space from 0x100).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Most devices the boot-info page lists.
+pub const MAX_DEVICES: usize = 8;
+/// Pages the guest's disk driver uses right after the workload pages when the disk workload
+/// runs: the virtqueue (3 pages) and 128 request slots (see `guest/kernel/src/virtio.rs`).
+pub const DISK_AREA_PAGES: u64 = 136;
+
 /// COM1: a 16550 UART register block of 8 ports.
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// Exit device (as QEMU's isa-debug-exit): a byte written here ends the VM with that status.
@@ -57,6 +68,16 @@ pub const fn progress_addr(index: u32) -> u64 {
 /// Guest-physical address of workload page `page`.
 pub const fn workload_page_addr(page: u64) -> u64 {
     WORKLOAD_ADDR + page * PAGE_SIZE
+}
+
+/// Guest-physical address of the guest's disk driver area, after `pages` workload pages.
+pub const fn disk_area_addr(pages: u64) -> u64 {
+    workload_page_addr(pages)
+}
+
+/// Guest-physical address of virtio-mmio device window `index`.
+pub const fn virtio_mmio_addr(index: u64) -> u64 {
+    VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE
 }
 
 /// Number of workload pages that fit in `ram_size` bytes of RAM laid out as above.

@@ -8,6 +8,7 @@
 
 pub mod args;
 pub mod boot_info;
+pub mod disk;
 pub mod layout;
 pub mod workload;
 

@@ -114,8 +114,22 @@ pub fn expected_digest(args: &WorkloadArgs) -> u64 {
 }
 
 /// The oracle for a VM whose generation rounds ran with id `generation` (a clone or a forked
-/// child that took its id before reaching them).
+/// child that took its id before reaching them). With `disk=1` the disk is taken to start out
+/// as zeros (a fresh image); [`crate::disk::expected_digest_with_disk`] takes other contents.
 pub fn expected_digest_for(args: &WorkloadArgs, generation: u64) -> u64 {
+    let memory = expected_memory_digest(args, generation);
+    if !args.disk {
+        return memory;
+    }
+    memory.wrapping_add(crate::disk::expected_disk_digest(
+        args,
+        generation,
+        |_, words| words.fill(0),
+    ))
+}
+
+/// The memory workload's part of the digest.
+pub fn expected_memory_digest(args: &WorkloadArgs, generation: u64) -> u64 {
     let mut words = [0u64; WORDS_PER_PAGE];
     let mut digest = 0u64;
     for page in 0..args.pages {
@@ -183,7 +197,7 @@ mod tests {
             seed: 5,
             write_percent: 60,
             gen_rounds: 2,
-            wait: false,
+            ..WorkloadArgs::default()
         };
         let (zero, one, two) = (
             expected_digest_for(&base, 0),

@@ -7,8 +7,10 @@
 #![no_std]
 #![no_main]
 
+mod disk;
 mod io;
 mod mem;
+mod virtio;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -53,6 +55,11 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
             out.str("generation ").dec(generation(boot_info_addr)).str("\n");
         }
     }
+    // vCPU 0 runs the disk workload on the first disk, after its memory work of each round.
+    let mut blk = None;
+    if cpu == 0 && args.uses_disk() {
+        blk = Some(disk::open(&info, &args).unwrap_or_else(|e| disk_fail(e)));
+    }
     let (start, end) = workload::vcpu_slice(args.pages, cpu, count);
     // SAFETY: each vCPU's counter is an aligned u64 in the progress page, written only by it.
     let progress = unsafe { &*(progress_addr(cpu as u32) as *const AtomicU64) };
@@ -75,6 +82,9 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
             steps += 1;
             progress.store(steps, Ordering::Relaxed);
         }
+        if let (Some(blk), true) = (blk.as_mut(), args.disk) {
+            disk::round(blk, &args, round, gen).unwrap_or_else(|e| disk_fail(e));
+        }
         let tenth = (round + 1) * 10 / rounds;
         if cpu == 0 && tenth != last_tenth {
             last_tenth = tenth;
@@ -86,6 +96,14 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
         // SAFETY: as above; this vCPU is the only one touching its slice.
         let words = unsafe { page_words(page) };
         digest = digest.wrapping_add(workload::page_contribution(page, workload::page_digest(words)));
+    }
+    if let Some(blk) = blk.as_mut() {
+        if args.disk {
+            digest = digest.wrapping_add(disk::digest(blk, &args).unwrap_or_else(|e| disk_fail(e)));
+        }
+        if args.disk_bench > 0 {
+            disk::bench(blk, &args).unwrap_or_else(|e| disk_fail(e));
+        }
     }
     // SAFETY: the sync area lies inside the boot-info page, is 8-byte aligned and is only ever
     // accessed atomically by the guest.
@@ -124,6 +142,25 @@ fn generation(boot_info_addr: u64) -> u64 {
 unsafe fn page_words(page: u64) -> &'static mut [u64; WORDS_PER_PAGE] {
     // SAFETY: guaranteed by the caller; pages are 4 KiB aligned, so u64-aligned.
     unsafe { &mut *(workload_page_addr(page) as *mut [u64; WORDS_PER_PAGE]) }
+}
+
+fn disk_fail(error: disk::DiskError) -> ! {
+    let out = Serial.str("guest error (vcpu 0): disk: ");
+    match error {
+        disk::DiskError::Setup(why) => out.str(why),
+        disk::DiskError::NoDisk => out.str("no block device in the boot-info page (run with --disk)"),
+        disk::DiskError::TooSmall { capacity } => {
+            out.str("the disk has ").dec(capacity).str(" sectors, fewer than disk_blocks needs")
+        }
+        disk::DiskError::Request { block, status } => {
+            out.str("request on block ").dec(block).str(" failed with status ").dec(u64::from(status))
+        }
+        disk::DiskError::Verify { block, round } => {
+            out.str("block ").dec(block).str(" read back wrong in round ").dec(round)
+        }
+    };
+    out.str("\n");
+    exit(3)
 }
 
 fn fail(cpu: u64, message: &str, detail: &str) -> ! {

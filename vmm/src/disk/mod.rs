@@ -6,11 +6,13 @@
 //! The qcow library's reads take `&mut` because they fill its L2-table cache; a shared read path
 //! would need locking inside the library for no gain here (one queue per disk, one consumer).
 
+mod attached;
 mod open;
 mod qcow2;
 mod raw;
 mod spec;
 
+pub use attached::{AttachedDisk, BlockDevice};
 pub use open::{open_disk, OpenDiskError, OpenedDisk, DISK_CHAIN_LIMIT};
 pub use qcow2::Qcow2Backend;
 pub use raw::RawBackend;
@@ -90,6 +92,48 @@ pub enum BackendError {
     },
     #[error("{path} is read-only")]
     ReadOnly { path: String },
+    #[error("the disk was closed when the VM stopped")]
+    Closed,
+}
+
+/// What a device holds once its disk is closed: every request fails.
+#[derive(Debug)]
+pub struct ClosedBackend;
+
+impl BlockBackend for ClosedBackend {
+    fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), BackendError> {
+        Err(BackendError::Closed)
+    }
+    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), BackendError> {
+        Err(BackendError::Closed)
+    }
+    fn flush(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> Result<(), BackendError> {
+        Err(BackendError::Closed)
+    }
+    fn write_zeroes(&mut self, _: u64, _: u64, _: bool) -> Result<(), BackendError> {
+        Err(BackendError::Closed)
+    }
+    fn size(&self) -> u64 {
+        0
+    }
+    fn id(&self) -> String {
+        String::new()
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn supports_discard(&self) -> bool {
+        false
+    }
+    fn supports_write_zeroes(&self) -> bool {
+        false
+    }
+    fn close(self: Box<Self>) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// The id of a disk opened from `path`: its file name, cut to [`ID_BYTES`] bytes (QEMU takes

@@ -142,6 +142,13 @@ impl VirtioBlock {
         std::mem::replace(&mut self.backend, backend)
     }
 
+    /// Flushes and closes the backend (reporting the final flush's error); the device fails
+    /// every request from then on.
+    pub fn close(&mut self) -> Result<(), crate::disk::BackendError> {
+        self.replace_backend(Box::new(crate::disk::ClosedBackend))
+            .close()
+    }
+
     fn capacity_bytes(&self) -> u64 {
         self.capacity_sectors * SECTOR_SIZE
     }
