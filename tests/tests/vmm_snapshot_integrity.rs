@@ -390,7 +390,37 @@ fn snapshots_of_earlier_format_versions_still_restore() {
     let merged = inspect(&v1);
     assert_eq!(
         (merged["format_version"].as_u64(), merged["id"].as_str()),
-        (Some(2), Some(crc_id.as_str()))
+        (Some(3), Some(crc_id.as_str()))
     );
     assert_eq!(restore(&diff, &["--verify"]), expected);
+}
+
+/// The workload of the version-3 fixture (with a disk; see `tests/fixtures/README.md`).
+const FIXTURE_V3_ARGS: &str = "pages=8 rounds=1000 seed=5 write=5 disk=1 disk_blocks=16";
+
+#[test]
+fn the_version_3_fixture_restores_with_its_disk() {
+    if !kvm_usable("the_version_3_fixture_restores_with_its_disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("snapshot-v3");
+    copy_dir(&fixture("snapshot-v3"), &snapshot);
+    let disk = dir.path().join("snapshot-v3-disk.qcow2");
+    std::fs::copy(fixture("snapshot-v3-disk.qcow2"), &disk).unwrap();
+    let frozen = std::fs::read(&disk).unwrap();
+    let report = inspect(&snapshot);
+    assert_eq!(report["format_version"], 3);
+    assert_eq!(report["disks"][0][0], "../snapshot-v3-disk.qcow2");
+    let expected = format!(
+        "DONE {:016x}",
+        expected_digest(&WorkloadArgs::parse(FIXTURE_V3_ARGS).unwrap())
+    );
+    assert_eq!(expected, "DONE 1eb827003d665eb6", "the README's digest");
+    assert_eq!(restore(&snapshot, &["--verify"]), expected);
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        frozen,
+        "the frozen disk is unchanged"
+    );
 }

@@ -23,11 +23,16 @@ use crate::devices::exit::ExitDevice;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::{MmioTransport, VirtioBlock};
 use crate::devices::Bus;
-use crate::disk::{open_disk, AttachedDisk, DiskSpec, OpenDiskError, OpenedDisk};
+use crate::disk::chain::Layer;
+use crate::disk::freeze::OverlayPlace;
+use crate::disk::{
+    freeze, open_disk, AttachedDisk, DiskFormat, DiskSpec, OpenDiskError, OpenedDisk,
+};
 use crate::kvm::{host_limits, open_kvm, KvmError};
 use crate::loader::{self, LoadError};
 use crate::machine::{Machine, MachineParts, VmEvent};
 use crate::memory::{create_guest_memory, host_ram_bytes, ram_end, MemoryError};
+use crate::snapshot::disks::DiskState;
 use crate::snapshot::persist::Persist;
 use crate::snapshot::state::{ParentRef, SnapshotState};
 use crate::snapshot::{self, MappedFile, SnapshotError};
@@ -61,6 +66,10 @@ pub enum BuildError {
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error(transparent)]
     Disk(#[from] OpenDiskError),
+    #[error(transparent)]
+    DiskOverlay(#[from] freeze::FreezeError),
+    #[error("restoring a disk's device state: {0}")]
+    DiskDevice(#[from] crate::devices::virtio::mmio::MmioRestoreError),
     #[error("--disk {path}: {size} bytes is smaller than the guest's disk workload needs ({needed} bytes for disk_blocks={blocks}); lower disk_blocks or use a larger disk")]
     DiskTooSmallForWorkload {
         path: PathBuf,
@@ -176,6 +185,13 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     if options.verify {
         snapshot::verify_chain(&chain)?;
     }
+    // Ordering: the disks' frozen chains are checked before KVM is touched, like the state.
+    let disk_chains = top
+        .state
+        .disks
+        .iter()
+        .map(|disk| disk.verify(&top.dir).map_err(SnapshotError::from))
+        .collect::<Result<Vec<_>, _>>()?;
     let kvm = open_kvm(&options.kvm_device)?;
     check_vcpu_count(&kvm, &top.state)?;
     let serial_out = serial_output(&options.serial)?;
@@ -189,6 +205,11 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     } else {
         RunState::Running
     };
+    let snapshot_dir =
+        std::fs::canonicalize(&top.dir).map_err(|source| SnapshotError::WriteFile {
+            path: top.dir.clone(),
+            source,
+        })?;
     from_state(SavedMachine {
         kvm: &kvm,
         vm,
@@ -199,6 +220,8 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
         initial,
         created_at,
         kvm_device: options.kvm_device.clone(),
+        disk_chains,
+        overlays: OverlayPlace::Snapshot(snapshot_dir),
     })
 }
 
@@ -229,10 +252,15 @@ pub(crate) struct SavedMachine<'a> {
     pub initial: RunState,
     pub created_at: Instant,
     pub kvm_device: PathBuf,
+    /// Each disk's frozen chain, as checked (one per `state.disks`).
+    pub disk_chains: Vec<Vec<Layer>>,
+    /// Where the disks' fresh overlays go.
+    pub overlays: OverlayPlace,
 }
 
 /// The second half of a restore, shared with a live fork's child: sets the clock, restores the
-/// serial device and every vCPU from `state`, and starts the vCPUs in `initial`.
+/// serial device, the disks (each on its own fresh overlay) and every vCPU from `state`, and
+/// starts the vCPUs in `initial`.
 pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError> {
     let SavedMachine {
         kvm,
@@ -244,6 +272,8 @@ pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError>
         initial,
         created_at,
         kvm_device,
+        disk_chains,
+        overlays,
     } = saved;
     let vcpu_count = check_vcpu_count(kvm, state)?;
     if let Some(clock) = &state.vm.clock {
@@ -256,7 +286,12 @@ pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError>
         serial_out,
         &state.serial,
     )?));
-    let disks = Vec::new();
+    let disks = state
+        .disks
+        .iter()
+        .zip(&disk_chains)
+        .map(|(disk, layers)| attach_restored(&vm, &overlays, disk, layers))
+        .collect::<Result<Vec<_>, _>>()?;
     let (events, buses) = wire_devices(&serial, &disks)?;
     let sink = event_sink(&events.0);
     let mut vcpus = Vec::with_capacity(vcpu_count as usize);
@@ -336,6 +371,43 @@ fn attach_disk(vm: &Vm, index: usize, spec: &DiskSpec, opened: OpenedDisk) -> At
         read_only,
         overlay: false,
     }
+}
+
+/// A restored disk: its device as saved, over a fresh overlay on the frozen chain (a read-only
+/// disk reads its frozen image directly).
+fn attach_restored(
+    vm: &Vm,
+    overlays: &OverlayPlace,
+    state: &DiskState,
+    layers: &[Layer],
+) -> Result<AttachedDisk, BuildError> {
+    let Some(top) = layers.first() else {
+        return Err(SnapshotError::NoParent.into());
+    };
+    let id = state.block.id.clone();
+    let (path, backend, overlay) = if state.read_only {
+        let backend = freeze::open_image(&top.path, top.format, true, id)?;
+        (top.path.clone(), backend, false)
+    } else {
+        let (path, backend) =
+            freeze::create_overlay(overlays, state.index, &top.path, top.format, top.size, id)?;
+        (path, backend, true)
+    };
+    let block = VirtioBlock::restore(state.index, backend, &state.block);
+    let mut transport = MmioTransport::new(block, vm.memory().clone());
+    transport.restore(&state.transport)?;
+    Ok(AttachedDisk {
+        index: state.index,
+        device: Arc::new(Mutex::new(transport)),
+        top: path,
+        format: if overlay {
+            DiskFormat::Qcow2
+        } else {
+            top.format
+        },
+        read_only: state.read_only,
+        overlay,
+    })
 }
 
 /// The port bus with COM1 and the exit device, and the MMIO bus with the disks.

@@ -56,6 +56,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::{self, ApiError, ApiServer};
 use crate::builder::{self, BuildError, SavedMachine};
+use crate::disk::freeze::OverlayPlace;
 use crate::kvm::{open_kvm, KvmError};
 use crate::machine::{Machine, VmEvent};
 use crate::memory::GuestMemory;
@@ -507,6 +508,14 @@ fn build_forked_vm(
         )
         .map_err(ForkError::Generation)?;
     let vm = vm.register_memory(memory)?;
+    // The parent froze the disks at the pause and recorded their chains by absolute path.
+    let disk_chains = captured
+        .state
+        .disks
+        .iter()
+        .map(|disk| disk.verify(Path::new("/")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ForkError::Build(Box::new(crate::snapshot::SnapshotError::from(e).into())))?;
     let machine = builder::from_state(SavedMachine {
         kvm: &kvm,
         vm,
@@ -517,6 +526,10 @@ fn build_forked_vm(
         initial: RunState::Running,
         created_at,
         kvm_device: captured.kvm_device.to_owned(),
+        disk_chains,
+        overlays: OverlayPlace::Image {
+            prefix: format!("fork-{:016x}", plan.generation),
+        },
     })?;
     let server = api::serve(&plan.socket, machine.event_sender())?;
     Ok((machine, server))

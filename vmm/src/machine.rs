@@ -14,8 +14,10 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
-use crate::fork::{self, ChildEvent, ForkError, LiveOps, LiveWriter, WriterJob};
+use crate::disk::freeze::{OverlayPlace, Prepared};
 use crate::disk::AttachedDisk;
+use crate::fork::{self, ChildEvent, ForkError, LiveOps, LiveWriter, WriterJob};
+use crate::snapshot::disks::DiskState;
 use crate::snapshot::persist::Persist;
 use crate::snapshot::staging::StagingDir;
 use crate::snapshot::state::{MemoryState, ParentRef, SnapshotKind, SnapshotState, VmState};
@@ -54,14 +56,19 @@ pub enum MachineError {
     MappedFile(#[from] MappedFileChanged),
     #[error("vCPU {index}: KVM_RUN failed: Bad address — guest RAM could not be read; it maps the snapshot memory file {path}: was that file changed while in use?")]
     GuestRamUnreadable { index: u32, path: String },
-    #[error(
-        "this VM has disks, and snapshots do not freeze disks yet; run without --disk to snapshot"
-    )]
-    DisksNotSnapshotted,
+    /// Boxed: it is far larger than the other variants.
+    #[error(transparent)]
+    Freeze(Box<crate::disk::freeze::FreezeError>),
     #[error("refusing to publish a snapshot holding {saved} of the VM's {vcpus} vCPUs")]
     MissingVcpuState { saved: usize, vcpus: usize },
     #[error(transparent)]
     Fork(#[from] ForkError),
+}
+
+impl From<crate::disk::freeze::FreezeError> for MachineError {
+    fn from(error: crate::disk::freeze::FreezeError) -> Self {
+        Self::Freeze(Box::new(error))
+    }
 }
 
 /// The devices and facts a machine needs beyond its vCPUs.
@@ -247,9 +254,6 @@ impl Machine {
     ) -> Result<SnapshotReport, MachineError> {
         let started = Instant::now();
         self.live.ensure_idle()?;
-        if !self.disks.is_empty() {
-            return Err(MachineError::DisksNotSnapshotted);
-        }
         if kind == SnapshotKind::Diff && self.parent.is_none() {
             return Err(SnapshotError::NoParent.into());
         }
@@ -301,7 +305,15 @@ impl Machine {
         staging: StagingDir,
         kind: SnapshotKind,
     ) -> Result<(Vec<u64>, snapshot::PendingSnapshot), (Vec<u64>, MachineError)> {
-        let (dirty, state) = self.capture_state(kind)?;
+        let (dirty, mut state) = self.capture_state(kind)?;
+        // Ordering: the disks are frozen while the guest is paused, at the same instant as its
+        // memory; they switch to their fresh overlays only once the memory is written, so a
+        // failure leaves every disk on the image it was writing.
+        let prepared = match self.prepare_disks(staging.target()) {
+            Ok(prepared) => prepared,
+            Err(e) => return Err((dirty, e)),
+        };
+        state.disks = prepared.iter().map(|p| p.state.clone()).collect();
         let diff = (kind == SnapshotKind::Diff).then_some(dirty.as_slice());
         let written = self
             .check_mapped_file()
@@ -311,8 +323,16 @@ impl Machine {
                     .map_err(MachineError::from)
             });
         match written {
-            Ok(pending) => Ok((dirty, pending)),
-            Err(e) => Err((dirty, e)),
+            Ok(pending) => {
+                for (disk, prepared) in self.disks.iter_mut().zip(prepared) {
+                    crate::disk::freeze::commit(disk, prepared);
+                }
+                Ok((dirty, pending))
+            }
+            Err(e) => {
+                prepared.into_iter().for_each(Prepared::abandon);
+                Err((dirty, e))
+            }
         }
     }
 
@@ -360,7 +380,15 @@ impl Machine {
             self.pause()?;
         }
         let mut fork_time = Duration::ZERO;
-        let spawned = self.capture_state(kind).and_then(|(dirty, state)| {
+        let spawned = self.capture_state(kind).and_then(|(dirty, mut state)| {
+            // Ordering: the disks are frozen at this pause, and the writer child records them.
+            let frozen = snapshot_dir(staging.target()).and_then(|dir| {
+                self.freeze_disks_now(Some(&dir), &OverlayPlace::Snapshot(dir.clone()))
+            });
+            match frozen {
+                Ok(disks) => state.disks = disks,
+                Err(e) => return Err((dirty, e)),
+            }
             let id = state.id.clone().unwrap_or_default();
             let job = WriterJob {
                 staging: &staging,
@@ -428,9 +456,15 @@ impl Machine {
         let mut forked = Vec::with_capacity(plans.len());
         let mut fork_times = Vec::with_capacity(plans.len());
         let mut failure = None;
-        let captured = self
-            .save_state(SnapshotKind::Full)
-            .and_then(|state| Ok((state, self.guest_progress()?)));
+        let captured = self.save_state(SnapshotKind::Full).and_then(|mut state| {
+            // Ordering: the disks are frozen (this VM moves on to fresh overlays) before the
+            // children fork; each child puts its own overlay on the frozen images.
+            let place = OverlayPlace::Image {
+                prefix: "fork".into(),
+            };
+            state.disks = self.freeze_disks_now(None, &place)?;
+            Ok((state, self.guest_progress()?))
+        });
         match &captured {
             Ok((state, _)) => {
                 let from = fork::Captured {
@@ -482,6 +516,47 @@ impl Machine {
         }
     }
 
+    /// Freezes every disk for a snapshot at `target` (see `disk::freeze`); all or none.
+    fn prepare_disks(&self, target: &Path) -> Result<Vec<Prepared>, MachineError> {
+        let snapshot_dir = snapshot_dir(target)?;
+        let place = OverlayPlace::Snapshot(snapshot_dir.clone());
+        self.prepare_disks_in(Some(&snapshot_dir), &place)
+    }
+
+    /// Prepares every disk's freeze (see `disk::freeze::prepare`); all or none.
+    fn prepare_disks_in(
+        &self,
+        snapshot_dir: Option<&Path>,
+        place: &OverlayPlace,
+    ) -> Result<Vec<Prepared>, MachineError> {
+        let mut prepared = Vec::with_capacity(self.disks.len());
+        for disk in &self.disks {
+            match crate::disk::freeze::prepare(disk, snapshot_dir, place) {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    prepared.into_iter().for_each(Prepared::abandon);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Freezes every disk and switches it to its fresh overlay at once, for a live snapshot or
+    /// fork (whose state leaves this process with the `fork()` that follows).
+    fn freeze_disks_now(
+        &mut self,
+        snapshot_dir: Option<&Path>,
+        place: &OverlayPlace,
+    ) -> Result<Vec<DiskState>, MachineError> {
+        let prepared = self.prepare_disks_in(snapshot_dir, place)?;
+        let states = prepared.iter().map(|p| p.state.clone()).collect();
+        for (disk, prepared) in self.disks.iter_mut().zip(prepared) {
+            crate::disk::freeze::commit(disk, prepared);
+        }
+        Ok(states)
+    }
+
     /// Saves every vCPU, the VM and the devices. Every vCPU must answer with its state: a
     /// snapshot with fewer vCPUs than the VM is never written.
     fn save_state(&mut self, kind: SnapshotKind) -> Result<SnapshotState, MachineError> {
@@ -514,6 +589,7 @@ impl Machine {
             vm: VmState { clock },
             vcpus,
             serial,
+            disks: Vec::new(),
         })
     }
 
@@ -721,6 +797,17 @@ impl Machine {
 
 fn error_reply(e: &dyn std::fmt::Display) -> Value {
     json!({"ok": false, "error": e.to_string()})
+}
+
+/// The absolute path a snapshot at `target` is recorded under (its parent resolved).
+fn snapshot_dir(target: &Path) -> Result<PathBuf, MachineError> {
+    crate::disk::chain::absolute_dir(target).map_err(|source| {
+        SnapshotError::WriteFile {
+            path: target.to_owned(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// ORs `pending` into `bitmap` (same layout).

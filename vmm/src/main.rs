@@ -277,6 +277,9 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
                     report.pages_stored, report.pages_allocated_on_disk
                 );
                 println!("state crc32:  {}", report.state_crc32);
+                for (index, layers) in report.disks.iter().enumerate() {
+                    println!("disk {index}:       {}", layers.join(" over "));
+                }
                 println!("checks:       ok ({})", report.checks);
             }
         }

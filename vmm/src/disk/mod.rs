@@ -7,13 +7,15 @@
 //! would need locking inside the library for no gain here (one queue per disk, one consumer).
 
 mod attached;
+pub mod chain;
+pub mod freeze;
 mod open;
 mod qcow2;
 mod raw;
 mod spec;
 
 pub use attached::{AttachedDisk, BlockDevice};
-pub use open::{open_disk, OpenDiskError, OpenedDisk, DISK_CHAIN_LIMIT};
+pub use open::{open_disk, qcow_options, OpenDiskError, OpenedDisk, DISK_CHAIN_LIMIT};
 pub use qcow2::Qcow2Backend;
 pub use raw::RawBackend;
 pub use spec::{DiskFormat, DiskSpec, DiskSpecError};

@@ -1,6 +1,7 @@
 //! The `state` container: magic, format version, JSON payload, CRC32.
 //!
-//! Versions: 1 (the first), 2 (snapshot ids, parents named by id, memory checksums). Readers
+//! Versions: 1 (the first), 2 (snapshot ids, parents named by id, memory checksums), 3 (disks:
+//! device state and frozen image chains). Readers
 //! take every version from [`OLDEST_READABLE`] to [`FORMAT_VERSION`]; fields a version lacks get
 //! the defaults documented on [`super::state::SnapshotState`].
 
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// `COWVMSNP`.
 pub const MAGIC: [u8; 8] = *b"COWVMSNP";
 /// Written by this cowvm; bumped on every change to [`super::state::SnapshotState`].
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version this cowvm still reads.
 pub const OLDEST_READABLE: u32 = 1;
 /// Largest `state` file accepted: a few KiB per vCPU plus 2 MiB-chunk checksums of RAM

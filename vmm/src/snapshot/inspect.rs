@@ -23,6 +23,8 @@ pub struct InspectReport {
     pub state_crc32: String,
     /// Whether the memory files were read and compared with their recorded checksums.
     pub memory_verified: bool,
+    /// Each disk's frozen chain, top first, as recorded.
+    pub disks: Vec<Vec<String>>,
     pub checks: String,
 }
 
@@ -51,6 +53,9 @@ pub fn inspect(dir: &Path, verify: bool) -> Result<InspectReport, SnapshotError>
         verify_chain(&chain)?;
     }
     let top = chain.last().ok_or(SnapshotError::NoParent)?;
+    for disk in &top.state.disks {
+        disk.verify(&top.dir)?;
+    }
     let memory_path = top.dir.join(MEMORY_FILE);
     let file = File::open(&memory_path).map_err(|source| SnapshotMemoryError::Read {
         path: memory_path.display().to_string(),
@@ -61,6 +66,9 @@ pub fn inspect(dir: &Path, verify: bool) -> Result<InspectReport, SnapshotError>
         .map(|(_, n)| n)
         .sum();
     let mut checks = "magic, version, state checksums, parent ids, memory sizes".to_string();
+    if !top.state.disks.is_empty() {
+        checks.push_str(", disk image chains and metadata checksums");
+    }
     if verify {
         checks.push_str(", memory checksums");
     }
@@ -77,6 +85,12 @@ pub fn inspect(dir: &Path, verify: bool) -> Result<InspectReport, SnapshotError>
         pages_allocated_on_disk: allocated,
         state_crc32: format!("{:08x}", top.crc),
         memory_verified: verify,
+        disks: top
+            .state
+            .disks
+            .iter()
+            .map(|d| d.layers.iter().map(|l| l.path.clone()).collect())
+            .collect(),
         checks,
     })
 }

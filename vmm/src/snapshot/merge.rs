@@ -2,6 +2,11 @@
 //!
 //! The merged snapshot holds the same VM state as the top of the chain, so it keeps the top's
 //! id: diffs that name the top (or, merged in place, any snapshot merged into) stay valid.
+//!
+//! Disks keep their chain: the merged snapshot records the same frozen images as the top (their
+//! names rewritten for `--output`'s directory). Committing the overlays into one image would
+//! rewrite images that other snapshots of the chain, diffs built on the merged one and VMs
+//! restored from them still read.
 
 use std::path::Path;
 
@@ -16,6 +21,9 @@ pub fn merge(dir: &Path, out: Option<&Path>) -> Result<LoadedSnapshot, SnapshotE
     let mut chain = load_chain(dir)?;
     let memory = load_memory(&chain, true)?.memory;
     let top = chain.pop().ok_or(SnapshotError::NoParent)?;
+    for disk in &top.state.disks {
+        disk.verify(&top.dir)?;
+    }
     let mut state = top.state;
     state.kind = SnapshotKind::Full;
     state.parent = None;
@@ -24,6 +32,15 @@ pub fn merge(dir: &Path, out: Option<&Path>) -> Result<LoadedSnapshot, SnapshotE
         Some(out) => StagingDir::new(out)?,
         None => StagingDir::replacing(dir)?,
     };
+    if out.is_some() {
+        let to = crate::disk::chain::absolute_dir(staging.target()).map_err(|source| {
+            SnapshotError::WriteFile {
+                path: staging.target().to_owned(),
+                source,
+            }
+        })?;
+        state.disks = state.disks.iter().map(|d| d.moved(&top.dir, &to)).collect();
+    }
     let pending = write_memory(staging, state, &memory, None)?;
     match out {
         Some(_) => pending.publish(),

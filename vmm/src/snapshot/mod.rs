@@ -7,6 +7,7 @@
 //! renames the directory into place (guest running again).
 
 pub mod checksum;
+pub mod disks;
 pub mod format;
 mod inspect;
 pub mod mapped;
@@ -73,8 +74,17 @@ pub enum SnapshotError {
         kind: SnapshotKind,
         problem: &'static str,
     },
+    /// Boxed: it is far larger than the other variants.
+    #[error(transparent)]
+    Disk(Box<disks::DiskStateError>),
     #[error("{0} records no memory checksums (it was written by an older cowvm, format version 1), so it cannot be verified; run without --verify, or `cowvm snapshot merge` it to record them")]
     NoChecksums(PathBuf),
+}
+
+impl From<disks::DiskStateError> for SnapshotError {
+    fn from(error: disks::DiskStateError) -> Self {
+        Self::Disk(Box::new(error))
+    }
 }
 
 /// One snapshot of a chain, as read from disk.

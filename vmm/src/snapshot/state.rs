@@ -58,6 +58,10 @@ pub struct SnapshotState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialState,
+    /// The VM's disks and their frozen image chains (format version 3 on). Absent before: a
+    /// version 1 or 2 snapshot had no disks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<super::disks::DiskState>,
 }
 
 /// What `memory` holds.

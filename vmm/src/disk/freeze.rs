@@ -1,0 +1,254 @@
+//! Freezing disks at a snapshot, and the fresh overlays that restored VMs (and a VM after its
+//! snapshot) write to.
+//!
+//! With the VM paused, each writable disk is flushed, its image chain is recorded (paths and
+//! metadata checksums), and a fresh qcow2 overlay is created over the image the VM was writing;
+//! once the memory is written too, the device switches to the overlay and the old image is
+//! closed. The frozen image never changes again: overlays cowvm made are made read-only
+//! (mode 0444); an image the user named is left as it is, and a restore checks its checksum.
+//!
+//! Overlays live in a `cowvm-disks/` directory ([`OverlayPlace`]): beside the snapshot directory
+//! for snapshots and restores, beside the frozen image for live forks. They are never moved or
+//! renamed: the names inside their headers stay valid, and every name that points into the
+//! directory holding `cowvm-disks/` is relative, so that directory can move as a whole.
+
+use std::path::{Path, PathBuf};
+
+use super::chain::{self, ChainError};
+use super::open::qcow_options;
+use super::{
+    AttachedDisk, BackendError, BlockBackend, DiskFormat, Qcow2Backend, RawBackend,
+    DISK_CHAIN_LIMIT,
+};
+use crate::snapshot::disks::{DiskState, LayerRecord};
+
+/// Directory, beside the snapshot directories, that holds the overlays cowvm creates.
+pub const OVERLAY_DIR: &str = "cowvm-disks";
+
+/// A disk could not be frozen or given its overlay.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error("disk {index}: flushing before the snapshot failed: {source}")]
+    Flush {
+        index: usize,
+        #[source]
+        source: BackendError,
+    },
+    #[error("disk {index}: {source}")]
+    Chain {
+        index: usize,
+        #[source]
+        source: ChainError,
+    },
+    #[error("disk {index}: its image chain is {depth} images deep, and a snapshot adds one; the limit is {DISK_CHAIN_LIMIT}")]
+    TooDeep { index: usize, depth: usize },
+    #[error("cannot create the overlay directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the overlay {path}: {source}")]
+    CreateOverlay {
+        path: PathBuf,
+        #[source]
+        source: qcow::Error,
+    },
+    #[error("cannot open the disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Where the fresh overlays of a snapshot, a restore or a live fork go.
+#[derive(Clone, Debug)]
+pub enum OverlayPlace {
+    /// In `cowvm-disks/` beside this snapshot directory (absolute; it need not exist yet),
+    /// named after it.
+    Snapshot(PathBuf),
+    /// In `cowvm-disks/` beside each disk's frozen image (in its own directory if that is a
+    /// `cowvm-disks/` already), named `<prefix>.disk<i>.<8 hex>.qcow2`.
+    Image { prefix: String },
+}
+
+impl OverlayPlace {
+    /// The directory (to create) and the name prefix of an overlay over `below` (absolute).
+    fn dir_and_prefix(&self, below: &Path) -> (PathBuf, String) {
+        match self {
+            OverlayPlace::Snapshot(snapshot_dir) => {
+                let anchor = snapshot_dir.parent().unwrap_or(snapshot_dir);
+                let name = snapshot_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (anchor.join(OVERLAY_DIR), name)
+            }
+            OverlayPlace::Image { prefix } => {
+                let dir = below.parent().unwrap_or(below);
+                let dir = if dir.file_name().is_some_and(|n| n == OVERLAY_DIR) {
+                    dir.to_owned()
+                } else {
+                    dir.join(OVERLAY_DIR)
+                };
+                (dir, prefix.clone())
+            }
+        }
+    }
+}
+
+/// A disk's snapshot record and the overlay that will take the disk over.
+#[derive(Debug)]
+pub struct Prepared {
+    pub state: DiskState,
+    /// The new overlay (none for a read-only disk, which keeps its image).
+    overlay: Option<(PathBuf, Box<dyn BlockBackend>)>,
+}
+
+impl Prepared {
+    /// Gives up: the overlay is removed and the disk stays as it was.
+    pub fn abandon(self) {
+        if let Some((path, backend)) = self.overlay {
+            let _ = backend.close();
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// With the VM paused: flushes `disk`, records its chain (relative to `snapshot_dir`, an
+/// absolute path that need not exist yet; absolute without one) and creates the overlay the VM
+/// continues on, in `place`.
+pub fn prepare(
+    disk: &AttachedDisk,
+    snapshot_dir: Option<&Path>,
+    place: &OverlayPlace,
+) -> Result<Prepared, FreezeError> {
+    let index = disk.index;
+    let mut device = disk.lock();
+    let (transport, block) = (device.save(), device.device().save());
+    let backend = device.device_mut().backend_mut();
+    backend
+        .flush()
+        .map_err(|source| FreezeError::Flush { index, source })?;
+    let (size, id) = (backend.size(), backend.id());
+    drop(device);
+    let layers = chain::describe(&disk.top, disk.format)
+        .map_err(|source| FreezeError::Chain { index, source })?;
+    if !disk.read_only && layers.len() >= DISK_CHAIN_LIMIT {
+        return Err(FreezeError::TooDeep {
+            index,
+            depth: layers.len(),
+        });
+    }
+    let state = DiskState {
+        index,
+        read_only: disk.read_only,
+        block,
+        transport,
+        layers: layers
+            .iter()
+            .map(|layer| match snapshot_dir {
+                Some(dir) => LayerRecord::new(layer, dir),
+                None => LayerRecord::absolute(layer),
+            })
+            .collect(),
+    };
+    if disk.read_only {
+        return Ok(Prepared {
+            state,
+            overlay: None,
+        });
+    }
+    let overlay = create_overlay(place, index, &disk.top, disk.format, size, id)?;
+    Ok(Prepared {
+        state,
+        overlay: Some(overlay),
+    })
+}
+
+/// Switches `disk` to its prepared overlay and closes (freezes) the image it was writing.
+pub fn commit(disk: &mut AttachedDisk, prepared: Prepared) {
+    let Some((path, backend)) = prepared.overlay else {
+        return;
+    };
+    let old = disk.lock().device_mut().replace_backend(backend);
+    if let Err(e) = old.close() {
+        // The flush before the snapshot succeeded; nothing was written since.
+        tracing::warn!("disk {}: closing the frozen image: {e}", disk.index);
+    }
+    if disk.overlay {
+        // An overlay cowvm made is frozen for good now; the user's own image keeps its mode.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&disk.top, std::fs::Permissions::from_mode(0o444));
+    }
+    disk.top = path;
+    disk.format = DiskFormat::Qcow2;
+    disk.overlay = true;
+}
+
+/// Creates and opens a fresh qcow2 overlay over `below` (of `format`) for disk `index`, in
+/// `place`.
+pub fn create_overlay(
+    place: &OverlayPlace,
+    index: usize,
+    below: &Path,
+    format: DiskFormat,
+    size: u64,
+    id: String,
+) -> Result<(PathBuf, Box<dyn BlockBackend>), FreezeError> {
+    let below = std::fs::canonicalize(below).map_err(|e| FreezeError::Open {
+        path: below.to_owned(),
+        source: Box::new(e),
+    })?;
+    let (dir, prefix) = place.dir_and_prefix(&below);
+    let dir_error = |source| FreezeError::CreateDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(dir_error)?;
+    let dir = std::fs::canonicalize(&dir).map_err(dir_error)?;
+    let anchor = dir.parent().unwrap_or(&dir).to_owned();
+    let unique = &crate::snapshot::new_id()[..8];
+    let path = dir.join(format!("{prefix}.disk{index}.{unique}.qcow2"));
+    let options = qcow::CreateOptions {
+        size,
+        backing_file: Some(chain::name_from(&dir, &below, &anchor)),
+        backing_format: Some(format.name().to_string()),
+        ..qcow::CreateOptions::default()
+    };
+    // The backing image is opened right below, with the chain limit the VMM allows.
+    qcow::create::create_with(&path, &options, false).map_err(|source| {
+        FreezeError::CreateOverlay {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    let backend = open_image(&path, DiskFormat::Qcow2, false, id).inspect_err(|_| {
+        let _ = std::fs::remove_file(&path);
+    })?;
+    Ok((path, backend))
+}
+
+/// Opens one image of a disk as a backend.
+pub fn open_image(
+    path: &Path,
+    format: DiskFormat,
+    read_only: bool,
+    id: String,
+) -> Result<Box<dyn BlockBackend>, FreezeError> {
+    let error = |source: Box<dyn std::error::Error + Send + Sync>| FreezeError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    Ok(match format {
+        DiskFormat::Qcow2 => {
+            let image = qcow::Image::open(path, &qcow_options(read_only))
+                .map_err(|e| error(Box::new(e)))?;
+            Box::new(Qcow2Backend::new(image, path, id))
+        }
+        DiskFormat::Raw => {
+            Box::new(RawBackend::open(path, read_only, id).map_err(|e| error(Box::new(e)))?)
+        }
+    })
+}
