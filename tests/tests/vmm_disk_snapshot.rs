@@ -310,3 +310,155 @@ fn read_only_disks_are_recorded_and_reopened_without_an_overlay() {
     assert!(overlays(snapshot.parent().unwrap()).is_empty());
     assert_eq!(std::fs::read(&image).unwrap(), before);
 }
+
+/// One request on its own connection; the reply.
+fn request(socket: &Path, json: &str) -> serde_json::Value {
+    cowvm_tests::vmm_harness::ApiClient::connect(socket)
+        .unwrap()
+        .request(json)
+        .expect("a reply")
+}
+
+/// Waits (up to two minutes) for a `DONE` line in a serial output file.
+fn wait_for_done(serial: &Path) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if let Some(line) = text
+            .split_inclusive('\n')
+            .find(|l| l.starts_with("DONE ") && l.ends_with('\n'))
+        {
+            return line.trim_end().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DONE in {}:\n{text}",
+            serial.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The only overlay in `dir/cowvm-disks` whose name starts with `prefix`.
+fn overlay_named(dir: &Path, prefix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = overlays(dir)
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+        .collect();
+    assert_eq!(found.len(), 1, "{prefix} in {:?}", overlays(dir));
+    found[0].clone()
+}
+
+#[test]
+fn live_fork_children_write_their_own_overlays_and_live_snapshots_freeze_disks() {
+    if !kvm_usable("live_fork_children_write_their_own_overlays_and_live_snapshots_freeze_disks")
+        || skip_without_qemu()
+    {
+        return;
+    }
+    // Generation rounds make each forked child write its own data to memory and disk.
+    let args = "disk=1 pages=2000 rounds=100 gen_rounds=100 write=50 disk_blocks=256";
+    let parsed = WorkloadArgs::parse(args).unwrap();
+    let zeros = vec![0u8; DISK_SIZE];
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]).ok();
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let vm = RunningVm::spawn(
+        &vm_dir,
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--disk",
+            image.to_str().unwrap(),
+            "--args",
+            args,
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    // A live snapshot first: the writer child records the disk frozen at its pause.
+    let snapshot = dir.path().join("snaps").join("live");
+    let reply = request(
+        &vm.socket,
+        &format!(
+            r#"{{"cmd":"snapshot","path":"{}","live":true}}"#,
+            snapshot.display()
+        ),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let snapshot_images = frozen_images(&snapshot);
+    assert_eq!(
+        std::fs::canonicalize(&snapshot_images[0]).unwrap(),
+        std::fs::canonicalize(&image).unwrap(),
+        "the live snapshot froze the user's image"
+    );
+    // Then a fork into two, whose children put their own overlays on the image the parent
+    // froze at the fork (its overlay from the live snapshot).
+    let forks = dir.path().join("forks");
+    std::fs::create_dir(&forks).unwrap();
+    let reply = request(
+        &vm.socket,
+        &format!(
+            r#"{{"cmd":"fork","count":2,"serial_dir":"{0}","socket_dir":"{0}"}}"#,
+            forks.display()
+        ),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let children = reply["children"].as_array().unwrap().clone();
+    let frozen_at_fork = PathBuf::from(vm.stats()["disks"][0]["path"].as_str().unwrap());
+    let disks_dir = dir.path().join("snaps");
+    let frozen_chain = [
+        overlay_named(&disks_dir, "live.disk0."),
+        std::fs::canonicalize(&image).unwrap(),
+    ];
+    let frozen = contents(&frozen_chain);
+    for child in &children {
+        let generation = child["generation"].as_u64().unwrap();
+        let serial = PathBuf::from(child["serial"].as_str().unwrap());
+        assert_eq!(
+            wait_for_done(&serial),
+            expected_done(args, generation, &zeros),
+            "child {child}"
+        );
+        let overlay = overlay_named(&disks_dir, &format!("fork-{generation:016x}.disk0."));
+        let expected = dir.path().join(format!("expected-{generation:x}.raw"));
+        std::fs::write(&expected, expected_image(&parsed, generation, &zeros)).unwrap();
+        assert_image_is(
+            &overlay,
+            "qcow2",
+            &expected,
+            &format!("child {generation:#x}"),
+        );
+    }
+    let (code, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+    let serial = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap();
+    assert_eq!(
+        serial.lines().last().unwrap(),
+        expected_done(args, 0, &zeros),
+        "the parent"
+    );
+    assert!(
+        frozen_at_fork
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("fork.disk0."),
+        "the parent moved on to its own overlay: {}",
+        frozen_at_fork.display()
+    );
+    let expected = dir.path().join("expected-parent.raw");
+    std::fs::write(&expected, expected_image(&parsed, 0, &zeros)).unwrap();
+    assert_image_is(&frozen_at_fork, "qcow2", &expected, "the parent");
+    assert_eq!(
+        contents(&frozen_chain),
+        frozen,
+        "frozen images unchanged by the forked VMs"
+    );
+    // The live snapshot restores to the oracle too.
+    let (last, _) = restore_to_end(&snapshot);
+    assert_eq!(last, expected_done(args, 0, &zeros));
+    assert_eq!(contents(&frozen_chain), frozen);
+}
