@@ -413,7 +413,7 @@ fn bad_snapshots_are_refused_with_named_errors() {
     std::fs::write(&state, &versioned).unwrap();
     assert_error(
         &cowvm(&["restore", s1.to_str().unwrap()]),
-        "has snapshot format version 9; this cowvm reads versions 1 to 2",
+        "has snapshot format version 9; this cowvm reads versions 1 to 3",
     );
     std::fs::write(&state, &good).unwrap();
 
