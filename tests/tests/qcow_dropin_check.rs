@@ -28,6 +28,17 @@ fn base_image(dir: &Path) -> Vec<u8> {
     bytes
 }
 
+/// Runs `line` through both tools on twin copies of `bytes` (as `img.q`).
+fn twin_differences(name: &str, bytes: &[u8], line: &str) -> Vec<String> {
+    let twin = Twin::new();
+    twin.prepare(|dir| std::fs::write(dir.join("img.q"), bytes).expect("write image"));
+    let args: Vec<&str> = line.split_whitespace().collect();
+    twin.differences(&args)
+        .into_iter()
+        .map(|d| format!("[{name}] {d}"))
+        .collect()
+}
+
 fn put(bytes: &mut [u8], at: usize, value: u64, width: usize) {
     bytes[at..at + width].copy_from_slice(&value.to_be_bytes()[8 - width..]);
 }
@@ -149,14 +160,7 @@ fn check_and_repair_match_qemu_img() {
             if deliberately_different(name, line) {
                 continue;
             }
-            let twin = Twin::new();
-            twin.prepare(|dir| std::fs::write(dir.join("img.q"), &bytes).expect("write image"));
-            let args: Vec<&str> = line.split_whitespace().collect();
-            failures.extend(
-                twin.differences(&args)
-                    .into_iter()
-                    .map(|d| format!("[{name}] {d}")),
-            );
+            failures.extend(twin_differences(name, &bytes, line));
         }
     }
     assert!(
@@ -257,14 +261,7 @@ fn header_feature_errors_match_qemu_img() {
             "map img.q",
             "check -r all img.q",
         ] {
-            let twin = Twin::new();
-            twin.prepare(|dir| std::fs::write(dir.join("img.q"), &bytes).expect("write image"));
-            let args: Vec<&str> = line.split_whitespace().collect();
-            failures.extend(
-                twin.differences(&args)
-                    .into_iter()
-                    .map(|d| format!("[{name}] {d}")),
-            );
+            failures.extend(twin_differences(name, &bytes, line));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

@@ -187,25 +187,30 @@ impl Layout {
     /// L2 tables right after the L1 table mapping every guest cluster to the same offset of an
     /// external data file.
     pub fn map_identity(&mut self, guest_clusters: u64) {
-        let per_l2 = self.l2_entries();
-        let tables = guest_clusters.div_ceil(per_l2);
+        let tables = guest_clusters.div_ceil(self.l2_entries());
         let first = self.end_cluster();
         for index in 0..tables {
-            let next = first + index;
-            let mut entries = vec![0u64; (per_l2 * self.entry_words) as usize];
-            for slot in 0..per_l2 {
-                let cluster = index * per_l2 + slot;
-                if cluster >= guest_clusters {
-                    break;
-                }
-                let at = (slot * self.entry_words) as usize;
-                // Extended entries keep an empty subcluster bitmap, as QEMU writes them.
-                entries[at] = (cluster << self.cluster_bits) | COPIED;
-            }
-            self.l1[index as usize] = (next << self.cluster_bits) | COPIED;
-            self.l2s.push((next, entries));
-            self.set_refcount(next, 1);
+            self.set_refcount(first + index, 1);
+            self.add_l2(index, first + index, 0, guest_clusters);
         }
+    }
+
+    /// Enters L2 table `index` at `l2_cluster`, mapping its guest clusters (below
+    /// `guest_clusters`) to consecutive host clusters from `data_start` plus the guest cluster.
+    /// Extended entries keep an empty subcluster bitmap, as QEMU writes them.
+    fn add_l2(&mut self, index: u64, l2_cluster: u64, data_start: u64, guest_clusters: u64) {
+        let per_l2 = self.l2_entries();
+        let mut entries = vec![0u64; (per_l2 * self.entry_words) as usize];
+        for slot in 0..per_l2 {
+            let cluster = index * per_l2 + slot;
+            if cluster >= guest_clusters {
+                break;
+            }
+            entries[(slot * self.entry_words) as usize] =
+                ((data_start + cluster) << self.cluster_bits) | COPIED;
+        }
+        self.l1[index as usize] = (l2_cluster << self.cluster_bits) | COPIED;
+        self.l2s.push((l2_cluster, entries));
     }
 
     /// QEMU's `falloc`/`full` preallocation of an empty image: new self-covering refcount
@@ -261,17 +266,7 @@ impl Layout {
         for index in 0..guest_clusters.div_ceil(per_l2) {
             let l2_cluster = self.first_free();
             self.set_refcount(l2_cluster, 1);
-            let mut entries = vec![0u64; (per_l2 * self.entry_words) as usize];
-            for slot in 0..per_l2 {
-                let cluster = index * per_l2 + slot;
-                if cluster >= guest_clusters {
-                    break;
-                }
-                let at = (slot * self.entry_words) as usize;
-                entries[at] = ((data_start + cluster) << self.cluster_bits) | COPIED;
-            }
-            self.l1[index as usize] = (l2_cluster << self.cluster_bits) | COPIED;
-            self.l2s.push((l2_cluster, entries));
+            self.add_l2(index, l2_cluster, data_start, guest_clusters);
         }
         Ok(())
     }

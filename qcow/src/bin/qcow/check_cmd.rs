@@ -3,7 +3,7 @@
 use qcow as lib;
 use serde::Serialize;
 
-use crate::getopt::{self, OptSpec};
+use crate::getopt::{OptSpec, FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, QUIET};
 use crate::image_arg::{self, ImageSpec};
 use crate::map_cmd::{image_operand, parse_output};
 use crate::prog::Fail;
@@ -12,71 +12,24 @@ use crate::to_json;
 use lib::{CheckReport, Format, Image, OpenOptions, Repair};
 
 const SPECS: &[OptSpec] = &[
-    OptSpec {
-        short: Some('h'),
-        long: &["help"],
-        takes_value: false,
-        key: "help",
-    },
-    OptSpec {
-        short: Some('f'),
-        long: &["format"],
-        takes_value: true,
-        key: "format",
-    },
-    OptSpec {
-        short: None,
-        long: &["output"],
-        takes_value: true,
-        key: "output",
-    },
-    OptSpec {
-        short: Some('r'),
-        long: &["repair"],
-        takes_value: true,
-        key: "repair",
-    },
-    OptSpec {
-        short: Some('T'),
-        long: &["cache"],
-        takes_value: true,
-        key: "cache",
-    },
-    OptSpec {
-        short: None,
-        long: &["object"],
-        takes_value: true,
-        key: "object",
-    },
-    OptSpec {
-        short: None,
-        long: &["image-opts"],
-        takes_value: false,
-        key: "image-opts",
-    },
-    OptSpec {
-        short: Some('U'),
-        long: &["force-share"],
-        takes_value: false,
-        key: "force-share",
-    },
-    OptSpec {
-        short: Some('q'),
-        long: &["quiet"],
-        takes_value: false,
-        key: "quiet",
-    },
+    HELP,
+    FORMAT,
+    OUTPUT,
+    OptSpec::value(Some('r'), &["repair"], "repair"),
+    OptSpec::value(Some('T'), &["cache"], "cache"),
+    OBJECT,
+    IMAGE_OPTS,
+    FORCE_SHARE,
+    QUIET,
 ];
 
 const USAGE: &str = "Usage: qemu-img check [-f FMT | --image-opts] [-T CACHE_MODE] [-r leaks|all]
         [--output human|json] [--object OBJDEF] [-q] [-U] FILENAME";
 
 pub fn run(args: &[String]) -> Result<u8, Fail> {
-    let parsed = getopt::parse(args, SPECS).map_err(Fail::Getopt)?;
-    if parsed.has("help") {
-        println!("{USAGE}");
+    let Some(parsed) = crate::dropin::parse_args(args, SPECS, USAGE)? else {
         return Ok(0);
-    }
+    };
     let json = parse_output(&parsed)?;
     let repair = match parsed.last("repair") {
         None => Repair::None,

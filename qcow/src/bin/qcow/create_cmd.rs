@@ -7,60 +7,20 @@ use qcow::create::{CreateOptions, CreateProblem, Preallocation};
 use qcow::header::CompressionType;
 use qcow::{Error as LibError, ParseSizeError};
 
-use crate::getopt::{self, OptSpec};
+use crate::getopt::{OptSpec, FORMAT, HELP, OBJECT, QUIET};
 use crate::image_arg::{self, format_error_text, strip_file_prefix};
 use crate::prog::Fail;
 use crate::qemu_opts::{self, Desc, Opts};
 
 const SPECS: &[OptSpec] = &[
-    OptSpec {
-        short: Some('h'),
-        long: &["help"],
-        takes_value: false,
-        key: "help",
-    },
-    OptSpec {
-        short: Some('q'),
-        long: &["quiet"],
-        takes_value: false,
-        key: "quiet",
-    },
-    OptSpec {
-        short: None,
-        long: &["object"],
-        takes_value: true,
-        key: "object",
-    },
-    OptSpec {
-        short: Some('f'),
-        long: &["format"],
-        takes_value: true,
-        key: "format",
-    },
-    OptSpec {
-        short: Some('b'),
-        long: &["backing"],
-        takes_value: true,
-        key: "backing",
-    },
-    OptSpec {
-        short: Some('F'),
-        long: &["backing-format"],
-        takes_value: true,
-        key: "backing-format",
-    },
-    OptSpec {
-        short: Some('u'),
-        long: &["backing-unsafe"],
-        takes_value: false,
-        key: "unsafe",
-    },
-    OptSpec {
-        short: Some('o'),
-        long: &["options"],
-        takes_value: true,
-        key: "options",
-    },
+    HELP,
+    QUIET,
+    OBJECT,
+    FORMAT,
+    OptSpec::value(Some('b'), &["backing"], "backing"),
+    OptSpec::value(Some('F'), &["backing-format"], "backing-format"),
+    OptSpec::flag(Some('u'), &["backing-unsafe"], "unsafe"),
+    OptSpec::value(Some('o'), &["options"], "options"),
 ];
 
 const USAGE: &str =
@@ -132,11 +92,9 @@ const QEMU_DRIVERS: &[&str] = &[
 ];
 
 pub fn run(args: &[String]) -> Result<u8, Fail> {
-    let parsed = getopt::parse(args, SPECS).map_err(Fail::Getopt)?;
-    if parsed.has("help") {
-        println!("{USAGE}");
+    let Some(parsed) = crate::dropin::parse_args(args, SPECS, USAGE)? else {
         return Ok(0);
-    }
+    };
     let mut option_lists = Vec::new();
     for list in parsed.all("options") {
         if !qemu_opts::is_valid_list(list) {

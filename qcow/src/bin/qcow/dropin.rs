@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use crate::getopt::{self, OptSpec, Parsed};
 use crate::prog::Fail;
 use crate::{check_cmd, create_cmd, info, map_cmd};
 
@@ -28,4 +29,14 @@ pub fn dispatch(args: &[String], is_other_command: impl Fn(&str) -> bool) -> Opt
         Ok(code) => ExitCode::from(code),
         Err(fail) => fail.print(Some(command)),
     })
+}
+
+/// Parses a command's arguments; `None` when `-h`/`--help` asked for the usage (printed).
+pub fn parse_args(args: &[String], specs: &[OptSpec], usage: &str) -> Result<Option<Parsed>, Fail> {
+    let parsed = getopt::parse(args, specs).map_err(Fail::Getopt)?;
+    if parsed.has("help") {
+        println!("{usage}");
+        return Ok(None);
+    }
+    Ok(Some(parsed))
 }

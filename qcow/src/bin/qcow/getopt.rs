@@ -16,6 +16,45 @@ pub struct OptSpec {
     pub key: &'static str,
 }
 
+impl OptSpec {
+    /// An option without a value.
+    pub const fn flag(
+        short: Option<char>,
+        long: &'static [&'static str],
+        key: &'static str,
+    ) -> Self {
+        OptSpec {
+            short,
+            long,
+            takes_value: false,
+            key,
+        }
+    }
+
+    /// An option with a value.
+    pub const fn value(
+        short: Option<char>,
+        long: &'static [&'static str],
+        key: &'static str,
+    ) -> Self {
+        OptSpec {
+            short,
+            long,
+            takes_value: true,
+            key,
+        }
+    }
+}
+
+/// Options several commands share, under qemu-img's spellings.
+pub const HELP: OptSpec = OptSpec::flag(Some('h'), &["help"], "help");
+pub const FORMAT: OptSpec = OptSpec::value(Some('f'), &["format"], "format");
+pub const OUTPUT: OptSpec = OptSpec::value(None, &["output"], "output");
+pub const OBJECT: OptSpec = OptSpec::value(None, &["object"], "object");
+pub const IMAGE_OPTS: OptSpec = OptSpec::flag(None, &["image-opts"], "image-opts");
+pub const FORCE_SHARE: OptSpec = OptSpec::flag(Some('U'), &["force-share"], "force-share");
+pub const QUIET: OptSpec = OptSpec::flag(Some('q'), &["quiet"], "quiet");
+
 /// A parsed command line: options in the order given, then the operands.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
@@ -157,42 +196,12 @@ mod tests {
     use super::*;
 
     const SPECS: &[OptSpec] = &[
-        OptSpec {
-            short: Some('h'),
-            long: &["help"],
-            takes_value: false,
-            key: "help",
-        },
-        OptSpec {
-            short: Some('f'),
-            long: &["format"],
-            takes_value: true,
-            key: "format",
-        },
-        OptSpec {
-            short: None,
-            long: &["output"],
-            takes_value: true,
-            key: "output",
-        },
-        OptSpec {
-            short: Some('b'),
-            long: &["backing-chain", "backing"],
-            takes_value: false,
-            key: "chain",
-        },
-        OptSpec {
-            short: None,
-            long: &["object"],
-            takes_value: true,
-            key: "object",
-        },
-        OptSpec {
-            short: Some('U'),
-            long: &["force-share"],
-            takes_value: false,
-            key: "share",
-        },
+        HELP,
+        FORMAT,
+        OUTPUT,
+        OptSpec::flag(Some('b'), &["backing-chain", "backing"], "chain"),
+        OBJECT,
+        OptSpec::flag(Some('U'), &["force-share"], "share"),
     ];
 
     fn args(list: &[&str]) -> Vec<String> {

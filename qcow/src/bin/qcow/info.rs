@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use qcow as lib;
 use serde::Serialize;
 
-use crate::getopt::{self, OptSpec};
+use crate::getopt::{OptSpec, FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT};
 use crate::image_arg::{self, ImageSpec};
 use crate::map_cmd::{image_operand, parse_output};
 use crate::prog::Fail;
@@ -15,48 +15,13 @@ use crate::{human_size, to_json};
 use lib::{Format, Image, OpenOptions};
 
 const SPECS: &[OptSpec] = &[
-    OptSpec {
-        short: Some('h'),
-        long: &["help"],
-        takes_value: false,
-        key: "help",
-    },
-    OptSpec {
-        short: Some('f'),
-        long: &["format"],
-        takes_value: true,
-        key: "format",
-    },
-    OptSpec {
-        short: None,
-        long: &["output"],
-        takes_value: true,
-        key: "output",
-    },
-    OptSpec {
-        short: Some('b'),
-        long: &["backing-chain", "backing"],
-        takes_value: false,
-        key: "backing-chain",
-    },
-    OptSpec {
-        short: None,
-        long: &["object"],
-        takes_value: true,
-        key: "object",
-    },
-    OptSpec {
-        short: None,
-        long: &["image-opts"],
-        takes_value: false,
-        key: "image-opts",
-    },
-    OptSpec {
-        short: Some('U'),
-        long: &["force-share"],
-        takes_value: false,
-        key: "force-share",
-    },
+    HELP,
+    FORMAT,
+    OUTPUT,
+    OptSpec::flag(Some('b'), &["backing-chain", "backing"], "backing-chain"),
+    OBJECT,
+    IMAGE_OPTS,
+    FORCE_SHARE,
 ];
 
 const USAGE: &str = "Usage: qemu-img info [-f FMT | --image-opts] [-b] [-U] [--object OBJDEF]
@@ -392,11 +357,9 @@ fn print_human_info(info: &ImageInfo) {
 }
 
 pub fn run(args: &[String]) -> Result<u8, Fail> {
-    let parsed = getopt::parse(args, SPECS).map_err(Fail::Getopt)?;
-    if parsed.has("help") {
-        println!("{USAGE}");
+    let Some(parsed) = crate::dropin::parse_args(args, SPECS, USAGE)? else {
         return Ok(0);
-    }
+    };
     let json = parse_output(&parsed)?;
     let spec = image_operand(&parsed)?;
     let chain = if parsed.has("backing-chain") {

@@ -5,59 +5,19 @@ use std::path::Path;
 
 use qcow::{Format, Image, MapEntry, OpenOptions, Storage};
 
-use crate::getopt::{self, OptSpec};
+use crate::getopt::{OptSpec, Parsed, FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT};
 use crate::image_arg::{self, ImageSpec};
 use crate::prog::Fail;
 
 const SPECS: &[OptSpec] = &[
-    OptSpec {
-        short: Some('h'),
-        long: &["help"],
-        takes_value: false,
-        key: "help",
-    },
-    OptSpec {
-        short: Some('f'),
-        long: &["format"],
-        takes_value: true,
-        key: "format",
-    },
-    OptSpec {
-        short: None,
-        long: &["output"],
-        takes_value: true,
-        key: "output",
-    },
-    OptSpec {
-        short: None,
-        long: &["object"],
-        takes_value: true,
-        key: "object",
-    },
-    OptSpec {
-        short: None,
-        long: &["image-opts"],
-        takes_value: false,
-        key: "image-opts",
-    },
-    OptSpec {
-        short: Some('U'),
-        long: &["force-share"],
-        takes_value: false,
-        key: "force-share",
-    },
-    OptSpec {
-        short: Some('s'),
-        long: &["start-offset"],
-        takes_value: true,
-        key: "start",
-    },
-    OptSpec {
-        short: Some('l'),
-        long: &["max-length"],
-        takes_value: true,
-        key: "length",
-    },
+    HELP,
+    FORMAT,
+    OUTPUT,
+    OBJECT,
+    IMAGE_OPTS,
+    FORCE_SHARE,
+    OptSpec::value(Some('s'), &["start-offset"], "start"),
+    OptSpec::value(Some('l'), &["max-length"], "length"),
 ];
 
 const USAGE: &str =
@@ -65,7 +25,7 @@ const USAGE: &str =
         [--start-offset OFFSET] [--max-length LENGTH] [-U] FILENAME";
 
 /// `--output`, shared by info, check and map.
-pub fn parse_output(parsed: &getopt::Parsed) -> Result<bool, Fail> {
+pub fn parse_output(parsed: &Parsed) -> Result<bool, Fail> {
     match parsed.last("output") {
         None | Some("human") => Ok(false),
         Some("json") => Ok(true),
@@ -76,7 +36,7 @@ pub fn parse_output(parsed: &getopt::Parsed) -> Result<bool, Fail> {
 }
 
 /// The one image operand, as `-f`/`--image-opts` say to read it.
-pub fn image_operand(parsed: &getopt::Parsed) -> Result<ImageSpec, Fail> {
+pub fn image_operand(parsed: &Parsed) -> Result<ImageSpec, Fail> {
     let [arg] = parsed.operands.as_slice() else {
         return Err(Fail::Usage("Expecting one image file name".into()));
     };
@@ -107,11 +67,9 @@ fn parse_offset(what: &str, text: &str) -> Result<u64, Fail> {
 }
 
 pub fn run(args: &[String]) -> Result<u8, Fail> {
-    let parsed = getopt::parse(args, SPECS).map_err(Fail::Getopt)?;
-    if parsed.has("help") {
-        println!("{USAGE}");
+    let Some(parsed) = crate::dropin::parse_args(args, SPECS, USAGE)? else {
         return Ok(0);
-    }
+    };
     let json = parse_output(&parsed)?;
     let start = match parsed.last("start") {
         Some(text) => parse_offset("start offset", text)?,
