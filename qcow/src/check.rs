@@ -184,7 +184,11 @@ pub fn check_monitored<S: Storage>(
             ..CheckReport::default()
         });
     }
+    let incomplete = incomplete_snapshots(image, repair, &mut findings);
     let first = check_refcounts(image, repair, &mut findings, monitor)?;
+    if first.failed.is_none() && !incomplete.is_empty() && repair == Repair::All {
+        complete_snapshots(image, &incomplete)?;
+    }
     if let Some(failed) = first.failed {
         return Ok(CheckReport {
             messages: findings.messages,
@@ -216,6 +220,73 @@ pub fn check_monitored<S: Storage>(
         report.failed = second.failed;
     }
     Ok(report)
+}
+
+/// v3 snapshot entries without the disk size (written by old QEMU versions): QEMU reports them
+/// (as corruptions) or, with `-r all`, repairs them; returns their indexes.
+fn incomplete_snapshots<S: Storage>(
+    image: &Image<S>,
+    repair: Repair,
+    findings: &mut Findings,
+) -> Vec<usize> {
+    if image.header.version < 3 {
+        return Vec::new();
+    }
+    let incomplete: Vec<usize> = (0..image.snapshots.len())
+        .filter(|&i| image.snapshots[i].disk_size.is_none())
+        .collect();
+    for &index in &incomplete {
+        if repair == Repair::All {
+            findings.message(format!(
+                "Repairing snapshot table entry {index} is incomplete"
+            ));
+            findings.tally.corruptions_fixed += 1;
+        } else {
+            findings.corruption(format!("ERROR snapshot table entry {index} is incomplete"));
+        }
+    }
+    incomplete
+}
+
+/// Rewrites the snapshot table with the disk size in every incomplete entry (QEMU's
+/// `qcow2_check_fix_snapshot_table`): a new table, the old one freed.
+fn complete_snapshots<S: Storage>(image: &mut Image<S>, incomplete: &[usize]) -> Result<()> {
+    let mut snapshots = image.snapshots.clone();
+    for &index in incomplete {
+        snapshots[index].disk_size = Some(image.header.size);
+    }
+    // QEMU keeps ids and names as C strings: a NUL ends them.
+    for snapshot in &mut snapshots {
+        for text in [&mut snapshot.id, &mut snapshot.name] {
+            if let Some(end) = text.find('\0') {
+                text.truncate(end);
+            }
+        }
+    }
+    let (old_offset, old_len) = (image.header.snapshots_offset, image.snapshot_table_len);
+    let file_len = image.file.len().map_err(Error::ReadHeader)?;
+    image.write_snapshot_table(snapshots)?;
+    image.flush()?;
+    // A table written past the old end ends the file where its bytes end (QEMU writes no
+    // padding after it).
+    let table_end = image.header.snapshots_offset + image.snapshot_table_len;
+    if image.header.snapshots_offset >= file_len {
+        image.file.set_len(table_end).map_err(Error::SetLen)?;
+    }
+    // QEMU discards the freed clusters of the old table.
+    let cluster_size = image.cluster_size;
+    let start = old_offset / cluster_size * cluster_size;
+    let end = (old_offset + old_len).div_ceil(cluster_size) * cluster_size;
+    if old_len > 0 {
+        image
+            .file
+            .discard(start, end - start)
+            .map_err(|source| Error::WriteData {
+                offset: start,
+                source,
+            })?;
+    }
+    image.reload_refcounts()
 }
 
 /// Autoclear bits QEMU knows: bitmaps (0) and raw external data (1).

@@ -254,7 +254,7 @@ impl<S: Storage> Image<S> {
 
     /// Writes `snapshots` as the new snapshot table in fresh clusters, switches the header to it
     /// and queues the old table for freeing.
-    fn write_snapshot_table(&mut self, snapshots: Vec<Snapshot>) -> Result<()> {
+    pub(crate) fn write_snapshot_table(&mut self, snapshots: Vec<Snapshot>) -> Result<()> {
         let raw = encode_table(&snapshots);
         if raw.len() as u64 > MAX_TABLE_BYTES {
             return Err(Error::Snapshot(SnapshotError::TableFull(
