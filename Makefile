@@ -24,6 +24,8 @@ bench:
 	$(CARGO) run --release -p cowvm-tests --bin bench_snapshot
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow_ops
+	$(CARGO) run --release -p cowvm-tests --bin bench_clone
+	$(CARGO) run --release -p cowvm-tests --bin bench_report
 
 fuzz:
 	bash qcow/fuzz/run.sh

@@ -8,17 +8,17 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 
 /// One table row: a label, its runs, an optional note, and the command that produced them.
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub what: String,
-    pub unit: &'static str,
+    pub unit: String,
     pub values: Vec<f64>,
     pub note: String,
     pub command: String,
 }
 
 impl Row {
-    pub fn new(what: &str, unit: &'static str, values: Vec<f64>, command: &str) -> Self {
+    pub fn new(what: &str, unit: &str, values: Vec<f64>, command: &str) -> Self {
         Self::noted(
             what.to_string(),
             unit,
@@ -30,14 +30,14 @@ impl Row {
 
     pub fn noted(
         what: String,
-        unit: &'static str,
+        unit: &str,
         values: Vec<f64>,
         note: String,
         command: String,
     ) -> Self {
         Self {
             what,
-            unit,
+            unit: unit.to_string(),
             values,
             note,
             command,

@@ -6,6 +6,7 @@ pub mod bench_util;
 pub mod disk_harness;
 pub mod dropin;
 pub mod qcow_harness;
+pub mod report;
 pub mod vmm_harness;
 
 /// Path of a binary built from this workspace (`cowvm`, `qcow`), next to the running test.

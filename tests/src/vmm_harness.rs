@@ -291,6 +291,21 @@ pub mod code {
         code
     }
 
+    /// Waits until the boot-info generation id is nonzero; generation 3 then executes `ud2` (a
+    /// triple fault, there being no IDT), every other one exits with status 0.
+    pub fn fail_in_generation_3() -> Vec<u8> {
+        let mut code = vec![
+            0x48, 0x8b, 0x04, 0x25, 0x18, 0x50, 0x00, 0x00, // wait: mov rax, [0x5018]
+            0x48, 0x85, 0xc0, // test rax, rax
+            0x74, 0xf3, // jz wait
+            0x48, 0x83, 0xf8, 0x03, // cmp rax, 3
+            0x75, 0x02, // jne ok
+            0x0f, 0x0b, // ud2
+        ];
+        code.extend_from_slice(&exit(0)); // ok:
+        code
+    }
+
     /// Writes `x` to COM1 forever, without waiting for the transmitter.
     pub fn serial_flood() -> Vec<u8> {
         vec![

@@ -57,7 +57,7 @@ fn bad_vcpu_counts() {
 fn bad_guest_arguments() {
     assert_error(
         &run(&["--args", "color=red"]),
-        "--args: unknown guest argument `color` (known: pages, rounds, seed, write, gen_rounds, wait, disk, disk_blocks, disk_batch, disk_bench)",
+        "--args: unknown guest argument `color` (known: pages, rounds, seed, write, gen_rounds, gen_write, wait, disk, disk_blocks, disk_batch, disk_bench)",
     );
     assert_error(
         &run(&["--args", "write=150"]),

@@ -176,6 +176,18 @@ fn as_bytes(entries: &[u64; 512]) -> &[u8] {
 }
 
 /// Writes the boot-info page the guest reads first.
+/// Rewrites the generation id in the boot-info page of a VM about to run (a restore or a clone
+/// that must not share its identity; see `cowvm_guest_abi::boot_info::GENERATION_OFFSET`).
+/// Written through vm-memory, so the next diff holds the page.
+pub fn write_generation(memory: &GuestMemory, generation: u64) -> Result<(), BootError> {
+    write(
+        memory,
+        "boot info generation id",
+        BOOT_INFO_ADDR + cowvm_guest_abi::boot_info::GENERATION_OFFSET,
+        generation,
+    )
+}
+
 pub fn write_boot_info(memory: &GuestMemory, info: &BootInfo<'_>) -> Result<(), BootError> {
     let mut page = [0u8; boot_info::ENCODED_LEN];
     info.encode(&mut page)

@@ -14,7 +14,7 @@ use cowvm_guest_abi::disk::BLOCK_SIZE;
 use cowvm_guest_abi::layout::{EXIT_PORT, SERIAL_PORT, VIRTIO_MMIO_SIZE};
 use cowvm_guest_abi::BootInfo;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, GuestImage, SerialOutput, VmConfig};
@@ -172,6 +172,8 @@ pub struct RestoreOptions {
     pub verify: bool,
     /// Leave the vCPUs paused (resume through the control socket).
     pub paused: bool,
+    /// A new generation id for the restored VM (see `clone`).
+    pub generation: Option<u64>,
     pub serial: SerialOutput,
     pub kvm_device: PathBuf,
 }
@@ -199,6 +201,9 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     let mut vm = EmptyVm::create(&kvm)?;
     vm.set_dirty_log_mode(MemoryOrigin::Restore)?;
     let loaded = snapshot::load_memory(&chain, options.eager)?;
+    if let Some(generation) = options.generation {
+        boot::write_generation(&loaded.memory, generation)?;
+    }
     let vm = vm.register_memory(loaded.memory)?;
     let initial = if options.paused {
         RunState::Paused
@@ -213,6 +218,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
     from_state(SavedMachine {
         kvm: &kvm,
         vm,
+        vcpu_fds: None,
         state: &top.state,
         serial_out,
         parent: Some(top.as_parent()),
@@ -244,6 +250,8 @@ fn check_vcpu_count(kvm: &Kvm, state: &SnapshotState) -> Result<u32, BuildError>
 pub(crate) struct SavedMachine<'a> {
     pub kvm: &'a Kvm,
     pub vm: Vm,
+    /// vCPUs of a clone-pool slot to load the state into; `None` creates them.
+    pub vcpu_fds: Option<Vec<VcpuFd>>,
     pub state: &'a SnapshotState,
     pub serial_out: Box<dyn Write + Send>,
     /// What the VM's first diff builds on.
@@ -265,6 +273,7 @@ pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError>
     let SavedMachine {
         kvm,
         vm,
+        vcpu_fds,
         state,
         serial_out,
         parent,
@@ -294,9 +303,19 @@ pub(crate) fn from_state(saved: SavedMachine<'_>) -> Result<Machine, BuildError>
         .collect::<Result<Vec<_>, _>>()?;
     let (events, buses) = wire_devices(&serial, &disks)?;
     let sink = event_sink(&events.0);
+    let mut fds = vcpu_fds.map(Vec::into_iter);
     let mut vcpus = Vec::with_capacity(vcpu_count as usize);
     for (index, vcpu_state) in state.vcpus.iter().enumerate() {
-        let vcpu = create_vcpu(&vm, index as u32, &buses, &sink)?;
+        let vcpu = match fds.as_mut().and_then(Iterator::next) {
+            Some(fd) => Vcpu::new(
+                index as u32,
+                fd,
+                buses.0.clone(),
+                buses.1.clone(),
+                sink.clone(),
+            ),
+            None => create_vcpu(&vm, index as u32, &buses, &sink)?,
+        };
         vcpu.restore_state(vcpu_state)?;
         vcpus.push(vcpu);
     }

@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(
             config(1, "color=red").validate(&LIMITS),
             Err(ConfigError::BadGuestArgs(
-                "unknown guest argument `color` (known: pages, rounds, seed, write, gen_rounds, wait, disk, disk_blocks, disk_batch, disk_bench)".into()
+                "unknown guest argument `color` (known: pages, rounds, seed, write, gen_rounds, gen_write, wait, disk, disk_blocks, disk_batch, disk_bench)".into()
             ))
         );
         assert!(matches!(

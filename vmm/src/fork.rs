@@ -519,6 +519,7 @@ fn build_forked_vm(
     let machine = builder::from_state(SavedMachine {
         kvm: &kvm,
         vm,
+        vcpu_fds: None,
         state: captured.state,
         serial_out: Box::new(serial),
         parent: None,

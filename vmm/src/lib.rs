@@ -3,9 +3,11 @@
 //! Data flows one way: CLI → [`config::VmConfig`] → [`builder::build`] → vCPU threads ⇄
 //! [`devices::Bus`] ⇄ devices.
 
+pub mod accounting;
 pub mod api;
 pub mod boot;
 pub mod builder;
+pub mod clone;
 pub mod config;
 pub mod devices;
 pub mod dirty;

@@ -8,9 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cowvm_guest_abi::layout::progress_addr;
+use kvm_ioctls::VcpuFd;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::accounting::{self, AccountingError, MemoryUsage};
 use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
@@ -163,6 +165,14 @@ impl Machine {
 
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// When the guest first touched the serial port (its first exit after start or resume).
+    pub fn first_serial_access(&self) -> Option<Instant> {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_access()
     }
 
     /// A sender into this machine's event loop (for the control socket).
@@ -622,6 +632,7 @@ impl Machine {
             "mem_size": self.mem_size,
             "uptime_ms": self.created_at.elapsed().as_millis() as u64,
             "guest_progress": self.guest_progress()?,
+            "memory": self.memory_usage().ok(),
             "snapshots_taken": self.snapshots_taken,
             "dirty_log": if self.vm.manual_protect() { "manual-protect" } else { "get-dirty-log" },
             "register_memory_us": self.vm.register_time().as_micros() as u64,
@@ -779,6 +790,19 @@ impl Machine {
             },
             _ => error.into(),
         }
+    }
+
+    /// The VM and its vCPU fds, for a clone-pool slot to run again; the vCPU threads are stopped
+    /// first. `None` for the fds if a vCPU thread did not end (its slot cannot be reused).
+    pub fn into_vm(self) -> (Vm, Option<Vec<VcpuFd>>) {
+        let Machine { vcpus, vm, .. } = self;
+        let fds: Option<Vec<VcpuFd>> = vcpus.into_iter().map(VcpuHandle::into_fd).collect();
+        (vm, fds)
+    }
+
+    /// What the VM's RAM costs the host now (see `accounting`).
+    pub fn memory_usage(&self) -> Result<MemoryUsage, AccountingError> {
+        accounting::usage(self.vm.memory())
     }
 
     /// Stops and joins every vCPU thread, then flushes the disks (a failure is reported, not

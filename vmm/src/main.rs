@@ -9,7 +9,6 @@ use vmm::config::{parse_size, GuestImage, SerialOutput, VmConfig, DEFAULT_MEM_SI
 
 use vmm::api::ApiRequest;
 use vmm::builder::RestoreOptions;
-use vmm::devices::serial::FIRST_ACCESS_AT;
 use vmm::disk::DiskSpec;
 use vmm::snapshot::state::SnapshotKind;
 
@@ -44,6 +43,42 @@ enum Command {
     /// Create, merge and inspect snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Run N clones of a full snapshot in this process, from a pool of ready VMs.
+    Clone(CloneArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CloneArgs {
+    /// A full snapshot (merge a diff chain first).
+    dir: PathBuf,
+    /// Clones to run; clone i gets generation id i.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Clones running at once (the pool's slots; default 8, at most --count).
+    #[arg(long, default_value_t = vmm::clone::batch::DEFAULT_SLOTS)]
+    slots: usize,
+    /// Write clone i's serial output to DIR/clone-i.serial (kept in memory otherwise).
+    #[arg(long, value_name = "DIR")]
+    serial_dir: Option<PathBuf>,
+    /// Serve clone i's control socket at DIR/clone-i.sock.
+    #[arg(long, value_name = "DIR")]
+    api_socket_dir: Option<PathBuf>,
+    /// Keep starting clones after one fails (by default the running ones finish, no new ones
+    /// start).
+    #[arg(long)]
+    keep_going: bool,
+    /// Skip checking the template's memory checksums before cloning.
+    #[arg(long)]
+    no_verify: bool,
+    /// Keep every clone's memory until the last one stops, then report their memory together
+    /// (every clone gets its own slot).
+    #[arg(long)]
+    hold: bool,
+    /// Print one JSON object per clone and a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    kvm_device: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -120,10 +155,14 @@ struct RestoreArgs {
     /// Leave the restored VM paused; `cowvm resume` starts it.
     #[arg(long, requires = "api_socket")]
     paused: bool,
+    /// Give the restored VM this generation id (written into its boot-info page before it
+    /// runs), so that it does not share its identity with the VM the snapshot came from.
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
     /// Write the guest's serial output to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     serial: Option<PathBuf>,
-    /// Print restore timings to stderr when the VM stops.
+    /// Print restore timings to stderr once the VM runs, and again when it stops.
     #[arg(long)]
     timings: bool,
     #[arg(long, default_value = "/dev/kvm", hide = true)]
@@ -171,6 +210,15 @@ fn parse_size_arg(text: &str) -> Result<String, String> {
     parse_size(text).map(|size| size.to_string())
 }
 
+/// `println!` that stops quietly when stdout is gone (`cowvm clone … | head`): a closed pipe is
+/// not an error worth a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     tracing_subscriber::fmt()
@@ -191,6 +239,7 @@ fn main() -> ExitCode {
         Command::Shutdown(s) => control(&s.api_socket, ApiRequest::Shutdown),
         Command::Fork(args) => fork(args),
         Command::Snapshot(command) => snapshot(command),
+        Command::Clone(args) => clone(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -205,8 +254,8 @@ fn main() -> ExitCode {
 fn control(socket: &std::path::Path, request: ApiRequest) -> anyhow::Result<u8> {
     let reply = vmm::api::request(socket, &request)?;
     match request {
-        ApiRequest::Stats => println!("{}", serde_json::to_string_pretty(&reply)?),
-        _ => println!("{}", reply["state"].as_str().unwrap_or("ok")),
+        ApiRequest::Stats => out!("{}", serde_json::to_string_pretty(&reply)?),
+        _ => out!("{}", reply["state"].as_str().unwrap_or("ok")),
     }
     Ok(0)
 }
@@ -232,7 +281,7 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
             };
             let reply = vmm::api::request(&api_socket, &request)?;
             let ms = |key: &str| reply[key].as_f64().unwrap_or(0.0) / 1000.0;
-            println!(
+            out!(
                 "snapshot {}: {} pages stored, guest paused {:.3} ms, on disk after {:.3} ms",
                 dir.display(),
                 reply["pages_stored"],
@@ -240,7 +289,7 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
                 ms("total_us")
             );
             if live {
-                println!(
+                out!(
                     "live: written by process {} in {:.3} ms while the guest ran; copy-on-write {} bytes",
                     reply["writer_pid"],
                     ms("write_us"),
@@ -250,7 +299,7 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
         }
         SnapshotCommand::Merge { dir, output } => {
             let merged = vmm::snapshot::merge(&dir, output.as_deref())?;
-            println!(
+            out!(
                 "merged into full snapshot {}: {} pages stored",
                 merged.dir.display(),
                 merged.state.memory.pages_stored
@@ -259,28 +308,29 @@ fn snapshot(command: SnapshotCommand) -> anyhow::Result<u8> {
         SnapshotCommand::Inspect { dir, json, verify } => {
             let report = vmm::snapshot::inspect(&dir, verify)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("snapshot:     {}", report.path);
-                println!("id:           {}", report.id);
-                println!("format:       version {}", report.format_version);
-                println!("kind:         {:?}", report.kind);
-                println!(
+                out!("snapshot:     {}", report.path);
+                out!("id:           {}", report.id);
+                out!("format:       version {}", report.format_version);
+                out!("kind:         {:?}", report.kind);
+                out!(
                     "parent:       {}",
                     report.parent.as_deref().unwrap_or("none")
                 );
-                println!("chain length: {}", report.chain_length);
-                println!("RAM size:     {} bytes", report.mem_size);
-                println!("vCPUs:        {}", report.vcpus);
-                println!(
+                out!("chain length: {}", report.chain_length);
+                out!("RAM size:     {} bytes", report.mem_size);
+                out!("vCPUs:        {}", report.vcpus);
+                out!(
                     "pages stored: {} ({} allocated on disk)",
-                    report.pages_stored, report.pages_allocated_on_disk
+                    report.pages_stored,
+                    report.pages_allocated_on_disk
                 );
-                println!("state crc32:  {}", report.state_crc32);
+                out!("state crc32:  {}", report.state_crc32);
                 for (index, layers) in report.disks.iter().enumerate() {
-                    println!("disk {index}:       {}", layers.join(" over "));
+                    out!("disk {index}:       {}", layers.join(" over "));
                 }
-                println!("checks:       ok ({})", report.checks);
+                out!("checks:       ok ({})", report.checks);
             }
         }
     }
@@ -307,14 +357,14 @@ fn fork(args: ForkArgs) -> anyhow::Result<u8> {
     };
     let reply = vmm::api::request(&args.api_socket, &request)?;
     let children = reply["children"].as_array().cloned().unwrap_or_default();
-    println!(
+    out!(
         "forked {} VM{}, guest paused {:.3} ms",
         children.len(),
         if children.len() == 1 { "" } else { "s" },
         reply["paused_us"].as_f64().unwrap_or(0.0) / 1000.0
     );
     for child in children {
-        println!(
+        out!(
             "pid {} generation {:#x}: --api-socket {} serial {}",
             child["pid"],
             child["generation"].as_u64().unwrap_or(0),
@@ -323,6 +373,87 @@ fn fork(args: ForkArgs) -> anyhow::Result<u8> {
         );
     }
     Ok(0)
+}
+
+fn clone(args: CloneArgs) -> anyhow::Result<u8> {
+    let spec = vmm::clone::batch::CloneRun {
+        template: args.dir,
+        count: args.count,
+        slots: args.slots,
+        serial_dir: args.serial_dir,
+        api_socket_dir: args.api_socket_dir,
+        keep_going: args.keep_going,
+        verify: !args.no_verify,
+        hold: args.hold,
+        kvm_device: args.kvm_device,
+    };
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    let json = args.json;
+    let summary = vmm::clone::batch::run(&spec, |outcome| {
+        if json {
+            out!("{}", serde_json::to_string(outcome).unwrap_or_default());
+            return;
+        }
+        let memory = outcome.memory.map_or(String::new(), |m| {
+            format!(
+                " [private {:.2} MiB, file {:.2} MiB, pss {:.2} MiB]",
+                mib(m.private_bytes),
+                mib(m.file_bytes),
+                mib(m.pss_bytes)
+            )
+        });
+        match &outcome.error {
+            None => out!(
+                "clone {}: exit {}: {}{memory}",
+                outcome.generation,
+                outcome.status,
+                outcome.last_line
+            ),
+            Some(error) => out!(
+                "clone {}: error: {}{memory}",
+                outcome.generation,
+                error.replace('\n', " / ")
+            ),
+        }
+    })?;
+    if json {
+        out!("{}", serde_json::to_string(&summary)?);
+    } else {
+        let m = summary.memory;
+        out!(
+            "clones: {} run, {} exited 0, worst status {}; slots created {}, reused {} times, discarded {}",
+            summary.clones,
+            summary.exited_zero,
+            summary.worst_status,
+            summary.pool.created,
+            summary.pool.reused,
+            summary.pool.discarded
+        );
+        out!(
+            "memory at exit, summed over clones: resident {:.1} MiB, file pages {:.1} MiB, private {:.1} MiB, pss {:.1} MiB",
+            mib(m.resident_bytes),
+            mib(m.file_bytes),
+            mib(m.private_bytes),
+            mib(m.pss_bytes)
+        );
+        if let Some(held) = summary.held {
+            out!(
+                "memory of all clones together when the last stopped: resident {:.1} MiB, file pages {:.1} MiB, private {:.1} MiB, pss {:.1} MiB",
+                mib(held.resident_bytes),
+                mib(held.file_bytes),
+                mib(held.private_bytes),
+                mib(held.pss_bytes)
+            );
+        }
+        out!(
+            "process: {} open fds and {:.1} MiB RSS after the first wave, {} and {:.1} MiB at the end",
+            summary.fds_after_first_wave,
+            mib(summary.rss_after_first_wave),
+            summary.fds_at_end,
+            mib(summary.rss_at_end)
+        );
+    }
+    Ok(summary.worst_status)
 }
 
 fn run(args: RunArgs, started: Instant) -> anyhow::Result<u8> {
@@ -349,6 +480,7 @@ fn restore(args: RestoreArgs, started: Instant) -> anyhow::Result<u8> {
         eager: args.eager,
         verify: args.verify,
         paused: args.paused,
+        generation: args.generation,
         serial: args.serial.map_or(SerialOutput::Stdout, SerialOutput::File),
         kvm_device: args.kvm_device,
     };
@@ -364,7 +496,12 @@ fn restore(args: RestoreArgs, started: Instant) -> anyhow::Result<u8> {
             machine.vm().register_time().as_secs_f64() * 1e6
         );
     }
-    run_machine(&mut machine, args.api_socket.as_deref(), false, started)
+    run_machine(
+        &mut machine,
+        args.api_socket.as_deref(),
+        args.timings,
+        started,
+    )
 }
 
 fn run_machine(
@@ -381,13 +518,18 @@ fn run_machine(
     if timings {
         let created = machine.created_at;
         let micros = |d: std::time::Duration| d.as_secs_f64() * 1e6;
-        let first = FIRST_ACCESS_AT
-            .get()
+        let first = machine
+            .first_serial_access()
             .map(|t| micros(t.duration_since(created)));
+        let from_start = machine
+            .first_serial_access()
+            .map(|t| micros(t.duration_since(started)));
+        let or_none = |us: Option<f64>| us.map_or("none".to_string(), |us| format!("{us:.0}"));
         eprintln!(
-            "timings: process_start_to_vm_create_us={:.0} vm_create_to_first_guest_exit_us={} register_memory_us={:.0} total_us={:.0}",
+            "timings: process_start_to_vm_create_us={:.0} vm_create_to_first_guest_exit_us={} process_start_to_first_guest_exit_us={} register_memory_us={:.0} total_us={:.0}",
             micros(created.duration_since(started)),
-            first.map_or("none".to_string(), |us| format!("{us:.0}")),
+            or_none(first),
+            or_none(from_start),
             micros(machine.vm().register_time()),
             micros(started.elapsed()),
         );

@@ -1,6 +1,6 @@
-//! The guest's argument string: `pages=N rounds=R seed=S write=P gen_rounds=E wait=0|1` and the
-//! disk workload's `disk=0|1 disk_blocks=B disk_batch=Q disk_bench=N`, parsed the same way by the
-//! VMM (to reject bad arguments before boot) and by the guest.
+//! The guest's argument string: `pages=N rounds=R seed=S write=P gen_rounds=E gen_write=Q
+//! wait=0|1` and the disk workload's `disk=0|1 disk_blocks=B disk_batch=Q disk_bench=N`, parsed
+//! the same way by the VMM (to reject bad arguments before boot) and by the guest.
 
 /// Workload parameters. `Default` finishes in well under a second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,7 +16,10 @@ pub struct WorkloadArgs {
     /// Rounds after `rounds` whose writes mix in the VM's generation id, read when the vCPU
     /// reaches them: clones and forked children of one VM write different data from there on.
     pub gen_rounds: u64,
-    /// Wait for a nonzero generation id before any work (a warm template to clone).
+    /// Percentage of pages written per generation round (default: `write`).
+    pub gen_write_percent: u64,
+    /// Between `rounds` and `gen_rounds`, wait for a nonzero generation id: a warm template
+    /// (its memory filled by the first rounds) to snapshot and clone.
     pub wait: bool,
     /// Run the disk workload on the first disk (see [`crate::disk`]).
     pub disk: bool,
@@ -39,6 +42,7 @@ impl Default for WorkloadArgs {
             seed: 1,
             write_percent: 50,
             gen_rounds: 0,
+            gen_write_percent: 50,
             wait: false,
             disk: false,
             disk_blocks: 256,
@@ -74,12 +78,12 @@ impl core::fmt::Display for ArgError<'_> {
             }
             Self::UnknownKey(key) => write!(
                 f,
-                "unknown guest argument `{key}` (known: pages, rounds, seed, write, gen_rounds, wait, disk, disk_blocks, disk_batch, disk_bench)"
+                "unknown guest argument `{key}` (known: pages, rounds, seed, write, gen_rounds, gen_write, wait, disk, disk_blocks, disk_batch, disk_bench)"
             ),
             Self::BadValue { key, value } => match *key {
-                "write" => write!(
+                "write" | "gen_write" => write!(
                     f,
-                    "guest argument write={value}: expected a percentage 0-100"
+                    "guest argument {key}={value}: expected a percentage 0-100"
                 ),
                 "pages" => write!(f, "guest argument pages={value}: expected a number >= 1"),
                 "wait" | "disk" => write!(f, "guest argument {key}={value}: expected 0 or 1"),
@@ -100,12 +104,15 @@ impl WorkloadArgs {
     /// Parses space-separated `key=value` words over the defaults.
     pub fn parse(text: &str) -> Result<Self, ArgError<'_>> {
         let mut args = Self::default();
+        let mut gen_write = None;
         for word in text.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').ok_or(ArgError::NotKeyValue(word))?;
             let bad = ArgError::BadValue { key, value };
             let number: u64 = match key {
-                "pages" | "rounds" | "seed" | "write" | "gen_rounds" | "wait" | "disk"
-                | "disk_blocks" | "disk_batch" | "disk_bench" => value.parse().map_err(|_| bad)?,
+                "pages" | "rounds" | "seed" | "write" | "gen_rounds" | "gen_write" | "wait"
+                | "disk" | "disk_blocks" | "disk_batch" | "disk_bench" => {
+                    value.parse().map_err(|_| bad)?
+                }
                 _ => return Err(ArgError::UnknownKey(key)),
             };
             match key {
@@ -124,9 +131,11 @@ impl WorkloadArgs {
                 "disk_batch" => args.disk_batch = number,
                 "disk_bench" => args.disk_bench = number,
                 _ if number > 100 => return Err(bad),
+                "gen_write" => gen_write = Some(number),
                 _ => args.write_percent = number,
             }
         }
+        args.gen_write_percent = gen_write.unwrap_or(args.write_percent);
         Ok(args)
     }
 }
@@ -146,6 +155,7 @@ mod tests {
                 rounds: 0,
                 seed: 99,
                 write_percent: 100,
+                gen_write_percent: 100,
                 ..WorkloadArgs::default()
             }
         );
@@ -158,6 +168,20 @@ mod tests {
             (true, 64, 8)
         );
         assert!(WorkloadArgs::parse("disk_bench=100").unwrap().uses_disk());
+        let template = WorkloadArgs::parse("gen_rounds=3 wait=1 write=7").unwrap();
+        assert_eq!(
+            (
+                template.gen_rounds,
+                template.wait,
+                template.gen_write_percent
+            ),
+            (3, true, 7)
+        );
+        let template = WorkloadArgs::parse("gen_write=2 write=100").unwrap();
+        assert_eq!(
+            (template.write_percent, template.gen_write_percent),
+            (100, 2)
+        );
     }
 
     #[test]

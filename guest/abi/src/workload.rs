@@ -50,7 +50,12 @@ pub const fn round_key(args: &WorkloadArgs, page: u64, round: u64, generation: u
 
 /// Whether page `page` is written in round `round` of generation `generation`.
 pub const fn is_written_gen(args: &WorkloadArgs, page: u64, round: u64, generation: u64) -> bool {
-    round_key(args, page, round, generation) % 100 < args.write_percent
+    let percent = if round < args.rounds {
+        args.write_percent
+    } else {
+        args.gen_write_percent
+    };
+    round_key(args, page, round, generation) % 100 < percent
 }
 
 /// Whether page `page` is written in round `round` (generation 0).
@@ -197,6 +202,7 @@ mod tests {
             seed: 5,
             write_percent: 60,
             gen_rounds: 2,
+            gen_write_percent: 60,
             ..WorkloadArgs::default()
         };
         let (zero, one, two) = (
@@ -213,6 +219,18 @@ mod tests {
         };
         assert_eq!(expected_digest_for(&plain, 7), expected_digest(&plain));
         assert_eq!(round_seed(&base, 2, 9), 5, "base rounds use the plain seed");
+        // Generation rounds write with their own percentage.
+        let none = WorkloadArgs {
+            gen_write_percent: 0,
+            ..base
+        };
+        assert_eq!(
+            expected_digest_for(&none, 1),
+            expected_digest(&WorkloadArgs {
+                gen_rounds: 0,
+                ..base
+            })
+        );
     }
 
     #[test]

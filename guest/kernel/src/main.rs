@@ -46,15 +46,6 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
         out.str(" write=").dec(args.write_percent).str("% generation=");
         out.dec(info.clone_generation).str("\n");
     }
-    if args.wait {
-        // A warm template: every vCPU waits here until the VMM starts a clone with its id.
-        while generation(boot_info_addr) == 0 {
-            core::hint::spin_loop();
-        }
-        if cpu == 0 {
-            out.str("generation ").dec(generation(boot_info_addr)).str("\n");
-        }
-    }
     // vCPU 0 runs the disk workload on the first disk, after its memory work of each round.
     let mut blk = None;
     if cpu == 0 && args.uses_disk() {
@@ -69,6 +60,9 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
     let mut gen = 0;
     for round in 0..rounds {
         if round == args.rounds {
+            if args.wait {
+                wait_for_generation(cpu, boot_info_addr);
+            }
             // From here on this VM's writes are its own: a clone or forked child has its id now.
             gen = generation(boot_info_addr);
         }
@@ -90,6 +84,9 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
             last_tenth = tenth;
             out.str("round ").dec(round + 1).str("/").dec(rounds).str("\n");
         }
+    }
+    if args.wait && args.gen_rounds == 0 {
+        wait_for_generation(cpu, boot_info_addr);
     }
     let mut digest = 0u64;
     for page in start..end {
@@ -129,6 +126,20 @@ pub extern "C" fn _start(cpu: u64, boot_info_addr: u64) -> ! {
     });
     out.str("DONE ").hex16(total).str("\n");
     exit(0)
+}
+
+/// A warm template: the first rounds filled memory; every vCPU waits here until the VMM starts a
+/// clone with its id.
+fn wait_for_generation(cpu: u64, boot_info_addr: u64) {
+    if cpu == 0 {
+        Serial.str("waiting for a generation id\n");
+    }
+    while generation(boot_info_addr) == 0 {
+        core::hint::spin_loop();
+    }
+    if cpu == 0 {
+        Serial.str("generation ").dec(generation(boot_info_addr)).str("\n");
+    }
 }
 
 /// The generation id as the VMM last wrote it (it changes under the guest: read it volatile).

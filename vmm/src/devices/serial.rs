@@ -21,15 +21,14 @@ impl Trigger for NoInterrupt {
     }
 }
 
-/// When the guest first touched the serial port: its first exit, a few instructions after
-/// entry (for start-up measurements).
-pub static FIRST_ACCESS_AT: OnceLock<Instant> = OnceLock::new();
-
 /// A 16550 UART on the port bus.
 pub struct SerialDevice {
     uart: Serial<NoInterrupt, NoEvents, Box<dyn Write + Send>>,
     /// Output errors so far (only the first is logged: a closed pipe fails every byte).
     output_errors: u64,
+    /// When the guest first touched the port: its first exit after entry or resume, a few
+    /// instructions in (for start-up and clone-start measurements).
+    first_access: OnceLock<Instant>,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -43,7 +42,13 @@ impl SerialDevice {
         Self {
             uart: Serial::new(NoInterrupt, out),
             output_errors: 0,
+            first_access: OnceLock::new(),
         }
+    }
+
+    /// When the guest first accessed the port, if it has.
+    pub fn first_access(&self) -> Option<Instant> {
+        self.first_access.get().copied()
     }
 }
 
@@ -70,6 +75,7 @@ impl Persist for SerialDevice {
             .map(|uart| Self {
                 uart,
                 output_errors: 0,
+                first_access: OnceLock::new(),
             })
             .map_err(|e| SerialRestoreError(format!("{e:?}")))
     }
@@ -77,14 +83,14 @@ impl Persist for SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        FIRST_ACCESS_AT.get_or_init(Instant::now);
+        self.first_access.get_or_init(Instant::now);
         if let (Ok(offset), [first, ..]) = (u8::try_from(offset), data) {
             *first = self.uart.read(offset);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> VcpuAction {
-        FIRST_ACCESS_AT.get_or_init(Instant::now);
+        self.first_access.get_or_init(Instant::now);
         if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
             if let Err(e) = self.uart.write(offset, value) {
                 if self.output_errors == 0 {

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
+use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::exit::{handle_exit, ExitAction};
@@ -100,15 +101,17 @@ impl Vcpu {
             responses: response_rx,
             next_ticket: 0,
             thread: Some(thread),
+            returned: None,
         })
     }
 
+    /// The thread's body; returns the vCPU's fd so that a clone-pool slot can run it again.
     fn run_thread(
         mut self,
         mut state: RunState,
         requests: Receiver<Tagged<VcpuRequest>>,
         responses: Sender<Tagged<VcpuResponse>>,
-    ) {
+    ) -> VcpuFd {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         // SAFETY: `run` points at this vCPU's kvm_run mapping, alive as long as `self.fd`.
         let immediate_exit: *mut u8 = unsafe { &raw mut (*run).immediate_exit };
@@ -144,6 +147,7 @@ impl Vcpu {
             }
         }
         IMMEDIATE_EXIT.with(|flag| flag.set(std::ptr::null_mut()));
+        self.fd
     }
 
     fn transition(&mut self, state: RunState, request: VcpuRequest, run: *mut kvm_run) -> RunState {
@@ -259,7 +263,9 @@ pub struct VcpuHandle {
     requests: Sender<Tagged<VcpuRequest>>,
     responses: Receiver<Tagged<VcpuResponse>>,
     next_ticket: u64,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<VcpuFd>>,
+    /// The vCPU's fd once its thread has ended.
+    returned: Option<VcpuFd>,
 }
 
 /// A request that was sent and whose reply is awaited.
@@ -357,9 +363,16 @@ impl VcpuHandle {
                 }
             }
         }
-        if thread.join().is_err() {
-            tracing::error!("the thread of vCPU {} panicked", self.index);
+        match thread.join() {
+            Ok(fd) => self.returned = Some(fd),
+            Err(_) => tracing::error!("the thread of vCPU {} panicked", self.index),
         }
+    }
+
+    /// Stops the thread and hands back the vCPU's fd, or `None` if the thread did not end.
+    pub fn into_fd(mut self) -> Option<VcpuFd> {
+        self.stop();
+        self.returned.take()
     }
 }
 
