@@ -199,8 +199,9 @@ fn a_guest_that_writes_nothing_costs_no_copy_on_write() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // wait=1: the vCPUs spin reading the generation id, which stays 0, and write nothing.
-    let vm = RunningVm::start(dir.path(), "2", "pages=4000 wait=1");
+    // rounds=0 wait=1: the vCPUs go straight to spinning on the generation id, which stays 0,
+    // and write nothing.
+    let vm = RunningVm::start(dir.path(), "2", "pages=4000 rounds=0 wait=1");
     std::thread::sleep(Duration::from_millis(100));
     let reply = live_snapshot(&vm, &dir.path().join("spinning"), false);
     let cow = reply["cow_bytes"].as_u64().unwrap();
