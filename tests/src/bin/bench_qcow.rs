@@ -1,5 +1,5 @@
 //! Benchmark: `qcow bench` against `qemu-img bench` on the same workloads, same files, same flags;
-//! prints a table and writes it as markdown to `bench-report/qcow.md`. Two times per run: the
+//! prints a table and saves it with `report` (`target/bench/bench_qcow.md`). Two times per run: the
 //! "Run completed" figure both tools print (the requests only; it stops before the final flush,
 //! where qcow writes its deferred L2 and refcount updates) and the whole process, start to exit,
 //! including that flush. Both are reported side by side; the whole-run ratio is the honest one.
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use cowvm_tests::bench_util::{median, Row as BenchRow};
 use cowvm_tests::qcow_harness::run_with_timeout;
+use cowvm_tests::report::BenchReport;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -273,15 +274,36 @@ fn main() -> Result<()> {
     );
 
     let report = markdown(&bench, &rows, &raw_workload, &raw, started.elapsed());
-    let out_dir = workspace_root().join("bench-report");
-    std::fs::create_dir_all(&out_dir).context("create bench-report/")?;
-    let out = out_dir.join("qcow.md");
-    std::fs::write(&out, report).with_context(|| format!("write {}", out.display()))?;
-    println!(
-        "wrote {} in {:.0} s",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
+    // The detailed tables above become the report's context; its rows are the whole-run times
+    // of both tools, which the report plots.
+    let context = report
+        .split_once('\n')
+        .map_or(report.as_str(), |(_, rest)| rest)
+        .trim()
+        .to_string();
+    let mut table = Vec::new();
+    let mut checks = Vec::new();
+    for row in &rows {
+        let name = row.workload.name;
+        for (tool, measured) in [("qemu-img", &row.qemu), ("qcow", &row.qcow)] {
+            table.push(measured.row(&row.workload, tool));
+        }
+        checks.push((
+            format!("{name}: qemu-img / qcow, whole run"),
+            format!("{:.2}×", row.qemu.whole / row.qcow.whole),
+        ));
+    }
+    BenchReport {
+        name: "bench_qcow".into(),
+        title: "qcow bench vs qemu-img bench".into(),
+        command: "cargo run --release -p cowvm-tests --bin bench_qcow".into(),
+        context,
+        rows: table,
+        checks,
+        plots: Vec::new(),
+    }
+    .save()?;
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -530,13 +552,6 @@ fn env_number(name: &str, default: u64) -> Result<u64> {
             .with_context(|| format!("{name}={text} is not a number")),
         Err(_) => Ok(default),
     }
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// `QCOW_BIN`, or the release `qcow` next to this program, built first (cargo is a no-op when it

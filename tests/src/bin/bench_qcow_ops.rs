@@ -2,7 +2,7 @@
 //! of each process (start to exit, so including the flushes each tool does before it exits):
 //! `convert` of a 4 GiB image half full of data (to qcow2, to raw, compressed), `commit` of a
 //! 1 GiB overlay, and `snapshot -c` on an image with 100k allocated clusters. Prints a table and
-//! writes it as markdown to `bench-report/qcow-ops.md`.
+//! saves it with `report` (`target/bench/bench_qcow_ops.md`).
 //!
 //! Run: `cargo run --release -p cowvm-tests --bin bench_qcow_ops` (or `make bench`). Knobs:
 //! `BENCH_REPS` (repetitions, median reported; default 3), `BENCH_DIR` (scratch directory),
@@ -14,8 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cowvm_tests::bench_util::{command_line, env_count, load_average, workspace_root, Row};
+use cowvm_tests::bench_util::{command_line, env_count, load_average, Row};
 use cowvm_tests::qcow_harness::run_with_timeout;
+use cowvm_tests::report::BenchReport;
 
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
@@ -128,15 +129,30 @@ fn main() -> Result<()> {
         rows.push(ours);
     }
     let report = markdown(&bench, &rows, &lines, started.elapsed());
-    let out_dir = workspace_root().join("bench-report");
-    std::fs::create_dir_all(&out_dir).context("create bench-report/")?;
-    let out = out_dir.join("qcow-ops.md");
-    std::fs::write(&out, report).with_context(|| format!("write {}", out.display()))?;
-    println!(
-        "wrote {} in {:.0} s",
-        out.display(),
-        started.elapsed().as_secs_f64()
-    );
+    let context = report
+        .split_once('\n')
+        .map_or(report.as_str(), |(_, rest)| rest)
+        .trim()
+        .to_string();
+    BenchReport {
+        name: "bench_qcow_ops".into(),
+        title: "qcow image operations vs qemu-img".into(),
+        command: "cargo run --release -p cowvm-tests --bin bench_qcow_ops".into(),
+        context,
+        rows,
+        checks: lines
+            .iter()
+            .map(|(name, _, _, ratio)| {
+                (
+                    format!("{name}: qcow speed / qemu-img (target ≥ 1.0)"),
+                    format!("{ratio:.2}"),
+                )
+            })
+            .collect(),
+        plots: Vec::new(),
+    }
+    .save()?;
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Benchmark: cowvm snapshots — pause time and on-disk size of full snapshots and of diffs after
 //! ~1 % and ~10 % of the pages were dirtied, and restore time (MAP_PRIVATE vs `--eager`), for
 //! 256 MiB, 1 GiB and 4 GiB guests, against `cp --sparse=always` of the snapshot's memory file as
-//! the peer; prints a table and writes it as markdown to `bench-report/snapshot.md`.
+//! the peer; prints a table and saves it with `report` (`target/bench/bench_snapshot.md`).
 //!
 //! Run: `cargo run --release -p cowvm-tests --bin bench_snapshot` (needs `cowvm` built next to it:
 //! `cargo build --release -p vmm -p cowvm-tests`). Knobs: `BENCH_SNAPSHOT_SIZES` (default
