@@ -190,6 +190,53 @@ pub fn wait_for_socket(socket: &Path) {
     }
 }
 
+/// The `DONE` line the oracle predicts for the built-in guest with `args` in generation
+/// `generation` (0: a VM that was never cloned or forked).
+pub fn expected_done_for(args: &str, generation: u64) -> String {
+    let args = cowvm_guest_abi::WorkloadArgs::parse(args).expect("guest arguments parse");
+    format!(
+        "DONE {:016x}",
+        cowvm_guest_abi::workload::expected_digest_for(&args, generation)
+    )
+}
+
+/// [`expected_done_for`] generation 0.
+pub fn expected_done(args: &str) -> String {
+    expected_done_for(args, 0)
+}
+
+/// The last line of `text`.
+pub fn last_line(text: &str) -> String {
+    text.lines().last().unwrap_or_default().to_string()
+}
+
+/// `cowvm restore DIR EXTRA…`, which must exit 0; returns its last output line (the `DONE`).
+pub fn restore_done(dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["restore", dir.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let output = cowvm(&args);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "restore {}: {}",
+        dir.display(),
+        stderr(&output)
+    );
+    last_line(&stdout(&output))
+}
+
+/// `cowvm snapshot inspect --json DIR`, which must succeed.
+pub fn inspect(dir: &Path) -> serde_json::Value {
+    let output = cowvm(&[
+        "snapshot",
+        "inspect",
+        "--json",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("inspect --json prints JSON")
+}
+
 /// Runs `cowvm` with `args` and returns its output.
 pub fn cowvm(args: &[&str]) -> Output {
     Command::new(bin_path("cowvm"))

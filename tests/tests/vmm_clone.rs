@@ -5,14 +5,13 @@
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cowvm_guest_abi::workload::expected_digest_for;
-use cowvm_guest_abi::WorkloadArgs;
 use cowvm_tests::bin_path;
 use cowvm_tests::vmm_harness::{
-    assert_error, code, cowvm, kvm_usable, stderr, stdout, wait_for_socket, write_file, RunningVm,
+    assert_error, code, cowvm, expected_done_for, kvm_usable, stderr, stdout, wait_for_socket,
+    write_file, RunningVm,
 };
 
 /// Boots `command` with a control socket in `dir`, lets it reach its waiting loop (the guest
@@ -51,6 +50,23 @@ fn guest_template(dir: &Path, args: &str) -> PathBuf {
     template(dir, &["run", "--mem", "64M", "--args", args])
 }
 
+/// `cowvm clone TEMPLATE EXTRA… --api-socket-dir DIR/sockets`, running; and the socket directory.
+fn clones_with_sockets(dir: &Path, template: &Path, extra: &[&str]) -> (Child, PathBuf) {
+    let sockets = dir.join("sockets");
+    std::fs::create_dir(&sockets).unwrap();
+    let clones = Command::new(bin_path("cowvm"))
+        .arg("clone")
+        .arg(template)
+        .args(extra)
+        .arg("--api-socket-dir")
+        .arg(&sockets)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (clones, sockets)
+}
+
 fn clone_json(args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>, String) {
     let mut full = vec!["clone", "--json"];
     full.extend_from_slice(args);
@@ -60,11 +76,6 @@ fn clone_json(args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>, String) {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     (output.status.code(), lines, stderr(&output))
-}
-
-fn done(args: &str, generation: u64) -> String {
-    let args = WorkloadArgs::parse(args).unwrap();
-    format!("DONE {:016x}", expected_digest_for(&args, generation))
 }
 
 #[test]
@@ -90,7 +101,11 @@ fn twenty_clones_in_three_waves_finish_with_their_own_digests() {
         .map(|o| {
             let generation = o["generation"].as_u64().unwrap();
             assert_eq!(o["status"], 0, "{o}");
-            assert_eq!(o["last_line"], done(args, generation), "clone {generation}");
+            assert_eq!(
+                o["last_line"],
+                expected_done_for(args, generation),
+                "clone {generation}"
+            );
             // Each clone wrote its own ~2000 pages: its private memory is its own.
             let private = o["memory"]["private_bytes"].as_u64().unwrap();
             assert!(private >= 2000 * 4096, "clone {generation}: {private}");
@@ -131,21 +146,7 @@ fn a_clone_is_controllable_and_its_diff_builds_on_the_template() {
     let dir = tempfile::tempdir().unwrap();
     let args = "pages=2000 rounds=1 seed=9 write=50 gen_rounds=3000 gen_write=10 wait=1";
     let template = guest_template(dir.path(), args);
-    let sockets = dir.path().join("sockets");
-    std::fs::create_dir(&sockets).unwrap();
-    let clones = Command::new(bin_path("cowvm"))
-        .args([
-            "clone",
-            template.to_str().unwrap(),
-            "--count",
-            "1",
-            "--api-socket-dir",
-        ])
-        .arg(&sockets)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (clones, sockets) = clones_with_sockets(dir.path(), &template, &["--count", "1"]);
     let socket = sockets.join("clone-1.sock");
     wait_for_socket(&socket);
     let socket = socket.to_str().unwrap();
@@ -193,7 +194,10 @@ fn a_clone_is_controllable_and_its_diff_builds_on_the_template() {
     assert_eq!(report["chain_length"], 2);
     let restored = cowvm(&["restore", "--verify", diff.to_str().unwrap()]);
     assert_eq!(restored.status.code(), Some(0), "{}", stderr(&restored));
-    assert_eq!(stdout(&restored).lines().last().unwrap(), done(args, 1));
+    assert_eq!(
+        stdout(&restored).lines().last().unwrap(),
+        expected_done_for(args, 1)
+    );
 }
 
 #[test]
@@ -230,23 +234,8 @@ fn clones_pay_only_for_what_they_write() {
         &idle,
         "pages=2000 rounds=1 write=100 gen_rounds=1000000000 gen_write=0 wait=1",
     );
-    let sockets = idle.join("sockets");
-    std::fs::create_dir(&sockets).unwrap();
-    let clones = Command::new(bin_path("cowvm"))
-        .args([
-            "clone",
-            template.to_str().unwrap(),
-            "--count",
-            "10",
-            "--slots",
-            "10",
-            "--api-socket-dir",
-        ])
-        .arg(&sockets)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (clones, sockets) =
+        clones_with_sockets(&idle, &template, &["--count", "10", "--slots", "10"]);
     let stats: Vec<serde_json::Value> = (1..=10)
         .map(|i| {
             let socket = sockets.join(format!("clone-{i}.sock"));

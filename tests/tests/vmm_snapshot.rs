@@ -8,34 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cowvm_guest_abi::layout;
-use cowvm_guest_abi::workload::{expected_digest, page_written_at_step, vcpu_slice};
+use cowvm_guest_abi::workload::{page_written_at_step, vcpu_slice};
 use cowvm_guest_abi::WorkloadArgs;
-use cowvm_tests::vmm_harness::{assert_error, cowvm, kvm_usable, stderr, stdout, RunningVm};
-
-fn last_line(text: &str) -> String {
-    text.lines().last().unwrap_or_default().to_string()
-}
-
-fn expected_done(args: &str) -> String {
-    format!(
-        "DONE {:016x}",
-        expected_digest(&WorkloadArgs::parse(args).expect("args parse"))
-    )
-}
-
-fn restore(dir: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["restore", dir.to_str().expect("utf-8 path")];
-    args.extend_from_slice(extra);
-    let output = cowvm(&args);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "restore {}: {}",
-        dir.display(),
-        stderr(&output)
-    );
-    last_line(&stdout(&output))
-}
+use cowvm_tests::vmm_harness::{
+    assert_error, cowvm, expected_done, kvm_usable, last_line, restore_done, stderr, stdout,
+    RunningVm,
+};
 
 /// A small deterministic generator for the snapshot moments (seed printed for reruns).
 fn sleeps(seed: u64, count: usize) -> Vec<Duration> {
@@ -73,19 +51,19 @@ fn chain_restores_to_the_oracle(vcpus: &str) {
 
     for snap in &snaps {
         assert_eq!(
-            restore(snap, &[]),
+            restore_done(snap, &[]),
             expected,
             "lazy restore of {}",
             snap.display()
         );
     }
     assert_eq!(
-        restore(&snaps[0], &["--eager"]),
+        restore_done(&snaps[0], &["--eager"]),
         expected,
         "eager restore of the full snapshot"
     );
     assert_eq!(
-        restore(&snaps[3], &["--eager"]),
+        restore_done(&snaps[3], &["--eager"]),
         expected,
         "eager restore of a diff chain"
     );
@@ -105,7 +83,7 @@ fn chain_restores_to_the_oracle(vcpus: &str) {
     assert_eq!(report["chain_length"], 1);
     assert_eq!(report["parent"], serde_json::Value::Null);
     assert_eq!(
-        restore(&merged, &[]),
+        restore_done(&merged, &[]),
         expected,
         "restore of the merged chain"
     );
@@ -114,7 +92,7 @@ fn chain_restores_to_the_oracle(vcpus: &str) {
         std::fs::remove_dir_all(snap).unwrap();
     }
     assert_eq!(
-        restore(&merged, &[]),
+        restore_done(&merged, &[]),
         expected,
         "merged snapshot without its chain"
     );
@@ -164,7 +142,7 @@ fn a_restored_vm_takes_diffs_on_the_snapshot_it_came_from() {
         stored > 0 && stored < 2000 + 8,
         "a diff, not a full copy: {stored} pages"
     );
-    assert_eq!(restore(&diff, &[]), expected_done(args));
+    assert_eq!(restore_done(&diff, &[]), expected_done(args));
 }
 
 #[test]

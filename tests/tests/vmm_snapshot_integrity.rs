@@ -10,44 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cowvm_guest_abi::workload::expected_digest;
-use cowvm_guest_abi::WorkloadArgs;
 use cowvm_tests::bin_path;
-use cowvm_tests::vmm_harness::{assert_error, cowvm, kvm_usable, stderr, stdout, RunningVm};
+use cowvm_tests::vmm_harness::{
+    assert_error, cowvm, expected_done, inspect, kvm_usable, restore_done, stderr, stdout,
+    RunningVm,
+};
 
 /// The workload of the committed fixtures (see `tests/fixtures/README.md`).
 const FIXTURE_ARGS: &str = "pages=8 rounds=2000000 seed=5 write=5";
-
-fn expected_done(args: &str) -> String {
-    format!(
-        "DONE {:016x}",
-        expected_digest(&WorkloadArgs::parse(args).unwrap())
-    )
-}
-
-fn last_line(text: &str) -> String {
-    text.lines().last().unwrap_or_default().to_string()
-}
-
-fn restore(dir: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["restore", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let output = cowvm(&args);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "restore {}: {}",
-        dir.display(),
-        stderr(&output)
-    );
-    last_line(&stdout(&output))
-}
-
-fn inspect(dir: &Path) -> serde_json::Value {
-    let output = cowvm(&["snapshot", "inspect", "--json", dir.to_str().unwrap()]);
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -354,7 +324,7 @@ fn merging_in_place_keeps_diffs_built_on_it_valid() {
     // d2 names d1 by id: still valid, and restores to the oracle, also without `full`.
     std::fs::remove_dir_all(&full).unwrap();
     assert_eq!(inspect(&d2)["chain_length"], 2);
-    assert_eq!(restore(&d2, &[]), expected_done(args));
+    assert_eq!(restore_done(&d2, &[]), expected_done(args));
 }
 
 #[test]
@@ -366,7 +336,7 @@ fn snapshots_of_earlier_format_versions_still_restore() {
     for (name, version) in [("snapshot-v1", 1), ("snapshot-v2", 2)] {
         let report = inspect(&fixture(name));
         assert_eq!(report["format_version"], version, "{name}");
-        assert_eq!(restore(&fixture(name), &[]), expected, "{name}");
+        assert_eq!(restore_done(&fixture(name), &[]), expected, "{name}");
     }
 
     // A version-2 diff on a version-1 parent, then the parent merged in place: the diff names
@@ -382,7 +352,7 @@ fn snapshots_of_earlier_format_versions_still_restore() {
     vm.snapshot(&diff, true);
     vm.kill();
     assert_eq!(inspect(&diff)["chain_length"], 2);
-    assert_eq!(restore(&diff, &[]), expected);
+    assert_eq!(restore_done(&diff, &[]), expected);
     let crc_id = inspect(&v1)["id"].as_str().unwrap().to_string();
     assert!(crc_id.starts_with("crc32:"), "{crc_id}");
     let output = cowvm(&["snapshot", "merge", v1.to_str().unwrap()]);
@@ -392,7 +362,7 @@ fn snapshots_of_earlier_format_versions_still_restore() {
         (merged["format_version"].as_u64(), merged["id"].as_str()),
         (Some(3), Some(crc_id.as_str()))
     );
-    assert_eq!(restore(&diff, &["--verify"]), expected);
+    assert_eq!(restore_done(&diff, &["--verify"]), expected);
 }
 
 /// The workload of the version-3 fixture (with a disk; see `tests/fixtures/README.md`).
@@ -412,12 +382,9 @@ fn the_version_3_fixture_restores_with_its_disk() {
     let report = inspect(&snapshot);
     assert_eq!(report["format_version"], 3);
     assert_eq!(report["disks"][0][0], "../snapshot-v3-disk.qcow2");
-    let expected = format!(
-        "DONE {:016x}",
-        expected_digest(&WorkloadArgs::parse(FIXTURE_V3_ARGS).unwrap())
-    );
+    let expected = expected_done(FIXTURE_V3_ARGS);
     assert_eq!(expected, "DONE 1eb827003d665eb6", "the README's digest");
-    assert_eq!(restore(&snapshot, &["--verify"]), expected);
+    assert_eq!(restore_done(&snapshot, &["--verify"]), expected);
     assert_eq!(
         std::fs::read(&disk).unwrap(),
         frozen,
