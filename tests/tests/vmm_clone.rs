@@ -121,10 +121,12 @@ fn twenty_clones_in_three_waves_finish_with_their_own_digests() {
     assert_eq!(digests.len(), 20, "every generation writes different data");
     let summary = &summary[0];
     assert_eq!(summary["clones"], 20);
-    assert_eq!(summary["pool"]["created"], 7, "{summary}");
-    assert_eq!(
-        summary["pool"]["reused"], 13,
-        "waves 2 and 3 ran in reused slots"
+    // 7 running at once in a pool of 14 VMs: at least 6 clones ran in a VM that had run one.
+    assert_eq!(summary["pool"]["created"], 14, "{summary}");
+    let reused = summary["pool"]["reused"].as_u64().unwrap();
+    assert!(
+        (6..=13).contains(&reused),
+        "later waves ran in reused VMs: {summary}"
     );
 
     // The template is byte-identical: clones map it copy-on-write.
@@ -310,8 +312,11 @@ fn a_thousand_clone_cycles_leak_nothing() {
     let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(summary["clones"], 1000);
     assert_eq!(summary["exited_zero"], 1000);
-    assert_eq!(summary["pool"]["created"], 4, "{summary}");
-    assert_eq!(summary["pool"]["reused"], 996);
+    assert_eq!(summary["pool"]["created"], 8, "{summary}");
+    assert!(
+        summary["pool"]["reused"].as_u64().unwrap() >= 992,
+        "{summary}"
+    );
     let fds = |key: &str| summary[key].as_u64().unwrap();
     assert_eq!(fds("fds_at_end"), fds("fds_after_first_wave"), "{summary}");
     assert!(

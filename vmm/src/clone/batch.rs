@@ -23,7 +23,8 @@ pub const DEFAULT_SLOTS: usize = 8;
 pub struct CloneRun {
     pub template: PathBuf,
     pub count: u64,
-    /// Clones running at once (pool slots).
+    /// Clones running at once. The pool holds up to twice as many VMs, so that a ready, armed
+    /// one is waiting while those just returned are re-armed in the background.
     pub slots: usize,
     /// Where each clone's serial output goes (`clone-<id>.serial`); kept in memory otherwise.
     pub serial_dir: Option<PathBuf>,
@@ -99,10 +100,17 @@ pub fn run(spec: &CloneRun, mut report: impl FnMut(&CloneOutcome)) -> Result<Sum
     } else {
         spec.slots.min(spec.count as usize)
     };
-    check_limits(shape, slots, spec.api_socket_dir.is_some())?;
+    // Spare VMs: a clone never waits for the slot of the one before it to be re-armed.
+    let pool_size = if spec.hold {
+        slots
+    } else {
+        (2 * slots).min(spec.count as usize)
+    };
+    check_limits(shape, slots, pool_size, spec.api_socket_dir.is_some())?;
     let pool = Arc::new(Pool::new(kvm)?);
-    // Registering the slots' RAM is the slow part of a VM start: do it before the first clone.
-    pool.fill(shape, slots)?;
+    // Registering RAM and mapping the template are the slow part of a VM start: both happen
+    // before the first clone.
+    pool.fill(shape, pool_size, Some(&template.arming()))?;
 
     let (done_tx, done_rx) = mpsc::channel::<Finished>();
     let mut held = Vec::new();
@@ -261,12 +269,19 @@ fn launch(
         .map_err(CloneError::Thread)
 }
 
-/// Fails early, with what to change, when the host cannot hold `slots` clones at once.
-fn check_limits(shape: Shape, slots: usize, sockets: bool) -> Result<(), CloneError> {
-    // Per running clone: the VM, its vCPUs, the serial file, and with a socket its listener and
-    // a connection or two; plus what the process itself keeps open.
-    let per_clone = u64::from(shape.vcpus) + 2 + if sockets { 3 } else { 0 };
-    let needed = slots as u64 * per_clone + 64;
+/// Fails early, with what to change, when the host cannot hold `slots` clones at once in a pool
+/// of `pool_size` VMs.
+fn check_limits(
+    shape: Shape,
+    slots: usize,
+    pool_size: usize,
+    sockets: bool,
+) -> Result<(), CloneError> {
+    // Per VM in the pool: the VM and its vCPUs; per running clone also the serial file and, with
+    // a socket, its listener and a connection or two; plus what the process itself keeps open.
+    let per_vm = u64::from(shape.vcpus) + 1;
+    let per_clone = 1 + if sockets { 3 } else { 0 };
+    let needed = pool_size as u64 * per_vm + slots as u64 * per_clone + 64;
     let limit = raise_nofile_limit();
     if needed > limit {
         return Err(CloneError::Limit(format!(
@@ -276,11 +291,11 @@ fn check_limits(shape: Shape, slots: usize, sockets: bool) -> Result<(), CloneEr
     // The kernel memory KVM needs per memory slot before a clone writes anything: reverse-map
     // and dirty-log arrays, about 8.25 bytes per 4 KiB page, plus per-vCPU state.
     let per_slot = shape.mem_size / 4096 * 33 / 4 + u64::from(shape.vcpus) * (256 << 10);
-    let needed = per_slot * slots as u64;
+    let needed = per_slot * pool_size as u64;
     let available = mem_available();
     if needed > available {
         return Err(CloneError::Limit(format!(
-            "{slots} clones of a {} MiB template need about {} MiB of kernel memory for their KVM memory slots before they write anything; this host has {} MiB available — lower --slots",
+            "{pool_size} pooled VMs for a {} MiB template need about {} MiB of kernel memory for their KVM memory slots before any clone writes anything; this host has {} MiB available — lower --slots",
             shape.mem_size >> 20,
             needed >> 20,
             available >> 20

@@ -29,7 +29,7 @@ use crate::snapshot::{self, MappedFile, MappedFileChanged, SnapshotError, MEMORY
 use crate::vcpu::RunState;
 use crate::vm::VmError;
 use pool::Pool;
-use slot::{Shape, Slot};
+use slot::{Arming, Shape, Slot};
 
 /// A clone could not be set up or started.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +149,14 @@ impl Template {
     pub fn mapped(&self) -> &MappedFile {
         &self.mapped
     }
+
+    /// How the pool arms slots for this template.
+    pub fn arming(&self) -> Arming {
+        Arming {
+            id: self.parent.id.clone().unwrap_or_default(),
+            file: self.file.clone(),
+        }
+    }
 }
 
 /// A clone running in a pool slot.
@@ -160,6 +168,8 @@ pub struct CloneVm {
     machine: Machine,
     shape: Shape,
     runs: u64,
+    /// The template, to arm the slot with again when this clone is done.
+    arming: Option<Arming>,
 }
 
 /// Starts a clone of `template` with id `generation` in a slot from `pool`, its serial output
@@ -172,7 +182,8 @@ pub fn start(
 ) -> Result<CloneVm, CloneError> {
     let requested_at = Instant::now();
     let shape = template.shape();
-    let mut slot = pool.take(shape)?;
+    let arming = template.arming();
+    let mut slot = pool.take(shape, &arming.id)?;
     // Recent kernels refuse KVM_SET_CPUID2 on a vCPU that has run unless the CPUID is
     // identical: a slot that ran another template's vCPUs may refuse, and is then recreated.
     if slot.runs > 0 && !slot.accepts_cpuid(&template.state) {
@@ -180,13 +191,21 @@ pub fn start(
         slot = pool.create(shape)?;
     }
     template.mapped.check()?;
-    slot.map_snapshot(&template.file)?;
+    // A slot armed for this template already maps it; any other is armed now, on the start path.
+    if slot.armed_for.as_deref() != Some(arming.id.as_str()) {
+        slot.arm(&arming)?;
+    }
+    tracing::debug!(
+        "clone {generation}: slot armed after {:?}",
+        requested_at.elapsed()
+    );
     // The clone's own id, before any of its vCPUs runs (written through vm-memory, so the
     // clone's first diff holds the boot-info page).
     boot::write_generation(slot.vm.memory(), generation).map_err(BuildError::from)?;
     let Slot {
         vm, vcpus, runs, ..
     } = slot;
+    let arming = Some(arming);
     let machine = from_state(SavedMachine {
         kvm: pool.kvm(),
         vm,
@@ -204,12 +223,17 @@ pub fn start(
             prefix: format!("clone-{generation}"),
         },
     })?;
+    tracing::debug!(
+        "clone {generation}: vCPUs started after {:?}",
+        requested_at.elapsed()
+    );
     Ok(CloneVm {
         generation,
         requested_at,
         machine,
         shape,
         runs,
+        arming,
     })
 }
 
@@ -218,16 +242,21 @@ impl CloneVm {
         &mut self.machine
     }
 
-    /// Gives the slot back to `pool` (reset in the background) once the clone has stopped.
+    /// Gives the slot back to `pool` once the clone has stopped; it is re-armed with the same
+    /// template in the background (the next clone is most likely of it).
     pub fn retire(self, pool: &Pool) {
         let (vm, vcpus) = self.machine.into_vm();
         match vcpus {
-            Some(vcpus) => pool.give_back(Slot {
-                vm,
-                vcpus,
-                shape: self.shape,
-                runs: self.runs,
-            }),
+            Some(vcpus) => pool.give_back(
+                Slot {
+                    vm,
+                    vcpus,
+                    shape: self.shape,
+                    runs: self.runs,
+                    armed_for: None,
+                },
+                self.arming,
+            ),
             None => pool.discard(),
         }
     }

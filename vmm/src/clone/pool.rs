@@ -1,5 +1,6 @@
-//! A pool of ready slots, keyed by shape. Slots are registered once; a returned slot is reset on
-//! a background thread, so starting the next clone never waits for the last one's teardown.
+//! A pool of ready slots, keyed by shape. Slots are registered once; a returned slot is re-armed
+//! with its template (or reset) on a background thread, so starting the next clone neither waits
+//! for the last one's teardown nor maps its template.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Sender};
@@ -9,7 +10,7 @@ use std::thread::JoinHandle;
 use kvm_ioctls::Kvm;
 use serde::Serialize;
 
-use super::slot::{Shape, Slot};
+use super::slot::{Arming, Shape, Slot};
 use super::CloneError;
 
 /// What the pool has done so far.
@@ -36,7 +37,7 @@ struct Shared {
 pub struct Pool {
     kvm: Kvm,
     shared: Arc<(Mutex<Shared>, Condvar)>,
-    resets: Option<Sender<Slot>>,
+    resets: Option<Sender<(Slot, Option<Arming>)>>,
     reset_thread: Option<JoinHandle<()>>,
 }
 
@@ -47,13 +48,16 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 impl Pool {
     pub fn new(kvm: Kvm) -> Result<Self, CloneError> {
         let shared: Arc<(Mutex<Shared>, Condvar)> = Arc::default();
-        let (resets, returned) = mpsc::channel::<Slot>();
+        let (resets, returned) = mpsc::channel::<(Slot, Option<Arming>)>();
         let for_thread = shared.clone();
         let reset_thread = std::thread::Builder::new()
             .name("slot-reset".into())
             .spawn(move || {
-                for slot in returned {
-                    let reset = slot.reset();
+                for (mut slot, arming) in returned {
+                    let reset = match &arming {
+                        Some(arming) => slot.arm(arming),
+                        None => slot.reset(),
+                    };
                     let (state, ready) = &*for_thread;
                     let mut shared = lock(state);
                     shared.resetting -= 1;
@@ -80,11 +84,19 @@ impl Pool {
         &self.kvm
     }
 
-    /// Creates `count` more slots of `shape` now, so that registering their RAM is not on any
-    /// clone's start path.
-    pub fn fill(&self, shape: Shape, count: usize) -> Result<(), CloneError> {
+    /// Creates `count` more slots of `shape` now, armed with `arming` if given, so that neither
+    /// registering their RAM nor mapping the template is on any clone's start path.
+    pub fn fill(
+        &self,
+        shape: Shape,
+        count: usize,
+        arming: Option<&Arming>,
+    ) -> Result<(), CloneError> {
         for _ in 0..count {
-            let slot = self.create(shape)?;
+            let mut slot = self.create(shape)?;
+            if let Some(arming) = arming {
+                slot.arm(arming)?;
+            }
             lock(&self.shared.0)
                 .free
                 .entry(shape)
@@ -94,13 +106,21 @@ impl Pool {
         Ok(())
     }
 
-    /// A ready slot of `shape`: a free one, else the next to come back from its reset, else a
-    /// new one.
-    pub fn take(&self, shape: Shape) -> Result<Slot, CloneError> {
+    /// A ready slot of `shape`, preferably one armed for the template `id`: a free one, else the
+    /// next to come back from the background thread, else a new one.
+    pub fn take(&self, shape: Shape, id: &str) -> Result<Slot, CloneError> {
         let (state, ready) = &*self.shared;
         let mut shared = lock(state);
         loop {
-            if let Some(slot) = shared.free.get_mut(&shape).and_then(Vec::pop) {
+            let free = shared.free.entry(shape).or_default();
+            let armed = free
+                .iter()
+                .position(|slot| slot.armed_for.as_deref() == Some(id));
+            let slot = match armed {
+                Some(index) => Some(free.swap_remove(index)),
+                None => free.pop(),
+            };
+            if let Some(slot) = slot {
                 if slot.runs > 0 {
                     shared.stats.reused += 1;
                 }
@@ -116,12 +136,14 @@ impl Pool {
         Slot::create(&self.kvm, shape)
     }
 
-    /// Takes a slot back after its clone ran; it is reset on the background thread.
-    pub fn give_back(&self, mut slot: Slot) {
+    /// Takes a slot back after its clone ran; the background thread re-arms it with `arming`
+    /// (the next clone's template) or resets it to a placeholder.
+    pub fn give_back(&self, mut slot: Slot, arming: Option<Arming>) {
         slot.runs += 1;
+        slot.armed_for = None;
         lock(&self.shared.0).resetting += 1;
         if let Some(resets) = &self.resets {
-            if let Err(mpsc::SendError(slot)) = resets.send(slot) {
+            if let Err(mpsc::SendError((slot, _))) = resets.send((slot, arming)) {
                 drop(slot);
                 let mut shared = lock(&self.shared.0);
                 shared.resetting -= 1;

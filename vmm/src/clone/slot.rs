@@ -1,10 +1,13 @@
 //! One pool slot: a KVM VM whose RAM is registered once, over a placeholder mapping, and its
-//! vCPUs. A clone starts by mapping a snapshot's memory file over that same host range with
-//! `mmap(MAP_FIXED | MAP_PRIVATE)`: KVM follows the host mapping (its MMU notifiers drop the old
-//! translations), so the guest sees the file's pages without the memslot being registered again.
+//! vCPUs. A slot is *armed* for a template by mapping the template's memory file over that same
+//! host range with `mmap(MAP_FIXED | MAP_PRIVATE)`: KVM follows the host mapping (its MMU
+//! notifiers drop the old translations), so the guest sees the file's pages without the memslot
+//! being registered again. Arming replaces whatever the last clone left (its private pages go),
+//! so the pool arms returned slots in the background and a clone's start maps nothing.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -22,6 +25,14 @@ pub struct Shape {
     pub vcpus: u32,
 }
 
+/// A template's memory file, as the pool maps it over slots.
+#[derive(Clone, Debug)]
+pub struct Arming {
+    /// The template snapshot's id.
+    pub id: String,
+    pub file: Arc<File>,
+}
+
 /// A VM ready to take a clone.
 #[derive(Debug)]
 pub struct Slot {
@@ -30,6 +41,9 @@ pub struct Slot {
     pub(super) shape: Shape,
     /// Clones this slot has run.
     pub(super) runs: u64,
+    /// The template whose clean mapping covers the slot's RAM, if any (else a placeholder, or
+    /// pages a clone wrote).
+    pub(super) armed_for: Option<String>,
 }
 
 impl Slot {
@@ -53,7 +67,18 @@ impl Slot {
             vcpus,
             shape,
             runs: 0,
+            armed_for: None,
         })
+    }
+
+    /// Maps the template over the slot's RAM (dropping a previous clone's pages) and clears the
+    /// dirty logs, so that a clone of that template can start without mapping anything.
+    pub fn arm(&mut self, arming: &Arming) -> Result<(), CloneError> {
+        self.armed_for = None;
+        self.map_snapshot(&arming.file)?;
+        self.clear_dirty_logs()?;
+        self.armed_for = Some(arming.id.clone());
+        Ok(())
     }
 
     /// Maps `file` (a full snapshot's memory, regions concatenated) over the slot's RAM,
@@ -95,7 +120,8 @@ impl Slot {
     /// Drops what the last clone left: a fresh anonymous placeholder over its RAM (freeing its
     /// private pages — the slow part, 11–16 ms at 4 GiB, done off the start path) and clean dirty
     /// logs (KVM's and the VMM's).
-    pub fn reset(&self) -> Result<(), CloneError> {
+    pub fn reset(&mut self) -> Result<(), CloneError> {
+        self.armed_for = None;
         for region in self.vm.memory().iter() {
             // SAFETY: as in `map_snapshot`: the slot's own region, replaced in place while idle.
             let mapped = unsafe {
@@ -112,6 +138,11 @@ impl Slot {
                 return Err(CloneError::Reset(std::io::Error::last_os_error()));
             }
         }
+        self.clear_dirty_logs()
+    }
+
+    /// Takes and drops the dirty bits a previous clone left, in KVM and in the VMM's bitmap.
+    fn clear_dirty_logs(&self) -> Result<(), CloneError> {
         self.vm
             .take_dirty_bitmap()
             .into_result()
