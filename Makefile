@@ -25,6 +25,7 @@ bench:
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow_ops
 	$(CARGO) run --release -p cowvm-tests --bin bench_clone
+	$(CARGO) run --release -p cowvm-tests --bin bench_disk
 	$(CARGO) run --release -p cowvm-tests --bin bench_report
 
 fuzz:

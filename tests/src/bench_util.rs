@@ -7,6 +7,27 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
+/// A `cowvm` process that is killed (by its pid) and reaped when this drops.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A scratch directory removed with everything in it when this drops.
+#[derive(Debug)]
+pub struct ScratchDir(pub PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One table row: a label, its runs, an optional note, and the command that produced them.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {

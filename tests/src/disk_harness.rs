@@ -67,6 +67,29 @@ pub fn assert_image_is(image: &Path, format: &str, expected: &Path, context: &st
     );
 }
 
+/// `qemu-img create -f qcow2 PATH SIZE` (quiet), which must succeed.
+pub fn create_qcow2(path: &Path, size: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &path.display().to_string(),
+        size,
+    ])
+    .ok();
+}
+
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 PATH`: an overlay whose backing file is named
+/// `backing` (relative names resolve against PATH's directory).
+pub fn create_qcow2_overlay(path: &Path, backing: &str) {
+    let path = path.display().to_string();
+    let args = [
+        "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", &path,
+    ];
+    qemu_img(&args).ok();
+}
+
 /// A file of `len` bytes that are a deterministic function of `seed` (not zeros, not one
 /// repeated byte: a block read from the wrong place shows).
 pub fn patterned(len: usize, seed: u64) -> Vec<u8> {

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use cowvm_guest_abi::WorkloadArgs;
-use cowvm_tests::disk_harness::{assert_image_is, expected_done, expected_image, patterned};
+use cowvm_tests::disk_harness::{
+    assert_image_is, create_qcow2, create_qcow2_overlay, expected_done, expected_image, patterned,
+};
 use cowvm_tests::qcow_harness::{qemu_img, skip_without_qemu};
 use cowvm_tests::vmm_harness::{cowvm, kvm_usable, stderr, stdout};
 
@@ -70,7 +72,7 @@ fn disk_workload_on_a_fresh_qcow2_image() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("fresh.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]).ok();
+    create_qcow2(&image, "8M");
     let flag = image.to_str().unwrap().to_string();
     check_workload(dir.path(), &image, &flag, "qcow2", &vec![0; DISK_SIZE]);
 }
@@ -97,18 +99,7 @@ fn disk_workload_on_an_overlay_over_a_filled_backing_file() {
         &path(&base),
     ])
     .ok();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &path(&overlay),
-    ])
-    .ok();
+    create_qcow2_overlay(&overlay, "base.qcow2");
     let flag = format!("{},format=qcow2", path(&overlay));
     check_workload(dir.path(), &overlay, &flag, "qcow2", &filled);
     assert_image_is(
@@ -139,7 +130,7 @@ fn guest_flushes_reach_fdatasync() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("d.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]).ok();
+    create_qcow2(&image, "8M");
     let trace = dir.path().join("trace");
     let count = |args: &str| {
         let status = std::process::Command::new("strace")
@@ -181,7 +172,7 @@ fn read_only_disks_fail_guest_writes_and_stay_unchanged() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("ro.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]).ok();
+    create_qcow2(&image, "8M");
     let before = std::fs::read(&image).unwrap();
     let output = run_with_disk(
         &format!("{},readonly", image.display()),
@@ -205,19 +196,8 @@ fn bad_disks_are_refused_before_kvm_is_opened() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    qemu_img(&["create", "-q", "-f", "qcow2", &path("base.qcow2"), "1M"]).ok();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &path("ov.qcow2"),
-    ])
-    .ok();
+    create_qcow2(&dir.path().join("base.qcow2"), "1M");
+    create_qcow2_overlay(&dir.path().join("ov.qcow2"), "base.qcow2");
     let mut image = qcow::Image::open(path("ov.qcow2"), &qcow::OpenOptions::default()).unwrap();
     image.set_backing_file(Some("base.qcow2"), None).unwrap();
     image.close().unwrap();

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cowvm_guest_abi::WorkloadArgs;
-use cowvm_tests::disk_harness::{assert_image_is, expected_done, expected_image, patterned};
+use cowvm_tests::disk_harness::{
+    assert_image_is, create_qcow2, expected_done, expected_image, patterned,
+};
 use cowvm_tests::qcow_harness::{qemu_img, skip_without_qemu};
 use cowvm_tests::vmm_harness::{cowvm, kvm_usable, stderr, stdout, RunningVm};
 
@@ -177,7 +179,7 @@ fn full_and_diff_snapshots_freeze_a_qcow2_disk() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]).ok();
+    create_qcow2(&image, "8M");
     snapshot_and_restore(
         dir.path(),
         image.to_str().unwrap(),
@@ -225,7 +227,7 @@ fn restores_refuse_frozen_images_that_changed_or_went_missing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "1G"]).ok();
+    create_qcow2(&image, "1G");
     let snapshot = snapshot_of(
         dir.path(),
         image.to_str().unwrap(),
@@ -282,7 +284,7 @@ fn read_only_disks_are_recorded_and_reopened_without_an_overlay() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("ro.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]).ok();
+    create_qcow2(&image, "8M");
     let before = std::fs::read(&image).unwrap();
     let flag = format!("{},readonly", image.display());
     let snapshot = snapshot_of(dir.path(), &flag, "pages=100 rounds=1000000");
@@ -362,7 +364,7 @@ fn live_fork_children_write_their_own_overlays_and_live_snapshots_freeze_disks()
     let zeros = vec![0u8; DISK_SIZE];
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"]).ok();
+    create_qcow2(&image, "8M");
     let vm_dir = dir.path().join("vm");
     std::fs::create_dir_all(&vm_dir).unwrap();
     let vm = RunningVm::spawn(

@@ -92,7 +92,9 @@ pub fn build(config: &VmConfig) -> Result<Machine, BuildError> {
     let args = config.validate_flags(host_ram_bytes())?;
     let opened = open_disks(&config.disks)?;
     if let (Some(args), Some(first)) = (args.filter(|a| a.uses_disk()), opened.first()) {
-        let needed = args.disk_blocks * BLOCK_SIZE;
+        // The benchmark's random phases use a second region of disk_blocks blocks.
+        let regions = if args.disk_bench > 0 { 2 } else { 1 };
+        let needed = regions * args.disk_blocks * BLOCK_SIZE;
         if first.1.backend.size() < needed {
             return Err(BuildError::DiskTooSmallForWorkload {
                 path: first.0.path.clone(),

@@ -16,7 +16,7 @@ use crate::accounting::{self, AccountingError, MemoryUsage};
 use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
-use crate::disk::freeze::{OverlayPlace, Prepared};
+use crate::disk::freeze::{OverlayPlace, PendingOverlays, Prepared};
 use crate::disk::AttachedDisk;
 use crate::fork::{self, ChildEvent, ForkError, LiveOps, LiveWriter, WriterJob};
 use crate::snapshot::disks::DiskState;
@@ -102,6 +102,8 @@ pub struct SnapshotReport {
     pub paused: Duration,
     /// Request to published directory, fsyncs included.
     pub total: Duration,
+    /// Of the pause, how long freezing the disks took (flush, chain record, new overlays).
+    pub disk_freeze: Duration,
 }
 
 /// A booted VM.
@@ -130,6 +132,8 @@ pub struct Machine {
     snapshots_taken: u64,
     /// Time of each snapshot's dirty-bitmap harvest (get + clear), most recent last.
     harvest_times: Vec<Duration>,
+    /// How long the last snapshot's disk freeze took.
+    disk_freeze_time: Duration,
     /// Live snapshots and forks in flight, forked children, their last results.
     live: LiveOps,
     kvm_device: PathBuf,
@@ -157,6 +161,7 @@ impl Machine {
             pending_dirty: Vec::new(),
             snapshots_taken: 0,
             harvest_times: Vec::new(),
+            disk_freeze_time: Duration::ZERO,
             live: LiveOps::default(),
             kvm_device: parts.kvm_device,
             created_at: parts.created_at,
@@ -263,17 +268,19 @@ impl Machine {
         kind: SnapshotKind,
     ) -> Result<SnapshotReport, MachineError> {
         let started = Instant::now();
-        self.live.ensure_idle()?;
-        if kind == SnapshotKind::Diff && self.parent.is_none() {
-            return Err(SnapshotError::NoParent.into());
-        }
-        let staging = StagingDir::new(dir).map_err(SnapshotError::from)?;
+        let SnapshotStart {
+            staging,
+            snapshot_dir,
+            overlays,
+        } = self.start_snapshot(dir, kind)?;
+        // The guest is paused from here: what came before (staging, new overlays) ran beside it.
+        let pause_started = Instant::now();
         let was_running = !self.paused;
         if was_running {
             self.pause()?;
         }
-        let captured = self.capture(staging, kind);
-        let paused = started.elapsed();
+        let captured = self.capture(staging, kind, &snapshot_dir, overlays);
+        let paused = pause_started.elapsed();
         let resumed = if was_running { self.resume() } else { Ok(()) };
         // Ordering: the snapshot's contents were fixed while the guest was paused (they sit in
         // the page cache); checksums, fsyncs and the rename that publishes the directory need no
@@ -294,6 +301,7 @@ impl Machine {
                     pages_stored: published.state.memory.pages_stored,
                     paused,
                     total: started.elapsed(),
+                    disk_freeze: self.disk_freeze_time,
                 })
             }
             Err(e) => {
@@ -314,15 +322,19 @@ impl Machine {
         &mut self,
         staging: StagingDir,
         kind: SnapshotKind,
+        snapshot_dir: &Path,
+        mut overlays: PendingOverlays,
     ) -> Result<(Vec<u64>, snapshot::PendingSnapshot), (Vec<u64>, MachineError)> {
         let (dirty, mut state) = self.capture_state(kind)?;
         // Ordering: the disks are frozen while the guest is paused, at the same instant as its
         // memory; they switch to their fresh overlays only once the memory is written, so a
         // failure leaves every disk on the image it was writing.
-        let prepared = match self.prepare_disks(staging.target()) {
+        let freeze_started = Instant::now();
+        let prepared = match self.prepare_disks(Some(snapshot_dir), &mut overlays) {
             Ok(prepared) => prepared,
             Err(e) => return Err((dirty, e)),
         };
+        self.disk_freeze_time = freeze_started.elapsed();
         state.disks = prepared.iter().map(|p| p.state.clone()).collect();
         let diff = (kind == SnapshotKind::Diff).then_some(dirty.as_slice());
         let written = self
@@ -380,11 +392,13 @@ impl Machine {
         reply: &Sender<Value>,
     ) -> Result<(), MachineError> {
         let started = Instant::now();
-        self.live.ensure_idle()?;
-        if kind == SnapshotKind::Diff && self.parent.is_none() {
-            return Err(SnapshotError::NoParent.into());
-        }
-        let staging = StagingDir::new(dir).map_err(SnapshotError::from)?;
+        let SnapshotStart {
+            staging,
+            snapshot_dir,
+            mut overlays,
+        } = self.start_snapshot(dir, kind)?;
+        // The guest is paused from here: what came before (staging, new overlays) ran beside it.
+        let pause_started = Instant::now();
         let was_running = !self.paused;
         if was_running {
             self.pause()?;
@@ -392,10 +406,7 @@ impl Machine {
         let mut fork_time = Duration::ZERO;
         let spawned = self.capture_state(kind).and_then(|(dirty, mut state)| {
             // Ordering: the disks are frozen at this pause, and the writer child records them.
-            let frozen = snapshot_dir(staging.target()).and_then(|dir| {
-                self.freeze_disks_now(Some(&dir), &OverlayPlace::Snapshot(dir.clone()))
-            });
-            match frozen {
+            match self.freeze_disks_now(Some(&snapshot_dir), &mut overlays) {
                 Ok(disks) => state.disks = disks,
                 Err(e) => return Err((dirty, e)),
             }
@@ -415,7 +426,7 @@ impl Machine {
                 Err(e) => Err((dirty, e.into())),
             }
         });
-        let paused = started.elapsed();
+        let paused = pause_started.elapsed();
         // Ordering: the child has its frozen view of RAM once fork() returned; the guest may
         // run again now.
         if was_running {
@@ -456,9 +467,14 @@ impl Machine {
         socket_dir: &Path,
         reply: &Sender<Value>,
     ) -> Result<(), MachineError> {
-        let started = Instant::now();
         self.live.ensure_idle()?;
         let plans = self.live.plan(count, serial_dir, socket_dir)?;
+        let place = OverlayPlace::Image {
+            prefix: "fork".into(),
+        };
+        let mut overlays = PendingOverlays::create(&self.disks, &place)?;
+        // The guest is paused from here: the new overlays were made beside it.
+        let pause_started = Instant::now();
         let was_running = !self.paused;
         if was_running {
             self.pause()?;
@@ -469,10 +485,7 @@ impl Machine {
         let captured = self.save_state(SnapshotKind::Full).and_then(|mut state| {
             // Ordering: the disks are frozen (this VM moves on to fresh overlays) before the
             // children fork; each child puts its own overlay on the frozen images.
-            let place = OverlayPlace::Image {
-                prefix: "fork".into(),
-            };
-            state.disks = self.freeze_disks_now(None, &place)?;
+            state.disks = self.freeze_disks_now(None, &mut overlays)?;
             Ok((state, self.guest_progress()?))
         });
         match &captured {
@@ -497,7 +510,7 @@ impl Machine {
             }
             Err(e) => failure = Some(e.to_string()),
         }
-        let paused = started.elapsed();
+        let paused = pause_started.elapsed();
         if was_running {
             if let Err(e) = self.resume() {
                 tracing::warn!("resuming after a fork: {e}");
@@ -526,22 +539,37 @@ impl Machine {
         }
     }
 
-    /// Freezes every disk for a snapshot at `target` (see `disk::freeze`); all or none.
-    fn prepare_disks(&self, target: &Path) -> Result<Vec<Prepared>, MachineError> {
-        let snapshot_dir = snapshot_dir(target)?;
+    /// What every snapshot does before the guest is paused: checks it may be taken, stages its
+    /// directory and creates the disks' overlays.
+    fn start_snapshot(
+        &self,
+        dir: &Path,
+        kind: SnapshotKind,
+    ) -> Result<SnapshotStart, MachineError> {
+        self.live.ensure_idle()?;
+        if kind == SnapshotKind::Diff && self.parent.is_none() {
+            return Err(SnapshotError::NoParent.into());
+        }
+        let staging = StagingDir::new(dir).map_err(SnapshotError::from)?;
+        let snapshot_dir = snapshot_dir(staging.target())?;
         let place = OverlayPlace::Snapshot(snapshot_dir.clone());
-        self.prepare_disks_in(Some(&snapshot_dir), &place)
+        let overlays = PendingOverlays::create(&self.disks, &place)?;
+        Ok(SnapshotStart {
+            staging,
+            snapshot_dir,
+            overlays,
+        })
     }
 
     /// Prepares every disk's freeze (see `disk::freeze::prepare`); all or none.
-    fn prepare_disks_in(
+    fn prepare_disks(
         &self,
         snapshot_dir: Option<&Path>,
-        place: &OverlayPlace,
+        overlays: &mut PendingOverlays,
     ) -> Result<Vec<Prepared>, MachineError> {
         let mut prepared = Vec::with_capacity(self.disks.len());
         for disk in &self.disks {
-            match crate::disk::freeze::prepare(disk, snapshot_dir, place) {
+            match crate::disk::freeze::prepare(disk, snapshot_dir, overlays) {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
                     prepared.into_iter().for_each(Prepared::abandon);
@@ -557,9 +585,9 @@ impl Machine {
     fn freeze_disks_now(
         &mut self,
         snapshot_dir: Option<&Path>,
-        place: &OverlayPlace,
+        overlays: &mut PendingOverlays,
     ) -> Result<Vec<DiskState>, MachineError> {
-        let prepared = self.prepare_disks_in(snapshot_dir, place)?;
+        let prepared = self.prepare_disks(snapshot_dir, overlays)?;
         let states = prepared.iter().map(|p| p.state.clone()).collect();
         for (disk, prepared) in self.disks.iter_mut().zip(prepared) {
             crate::disk::freeze::commit(disk, prepared);
@@ -702,6 +730,7 @@ impl Machine {
                             "pages_stored": report.pages_stored,
                             "paused_us": report.paused.as_micros() as u64,
                             "total_us": report.total.as_micros() as u64,
+                            "disk_freeze_us": report.disk_freeze.as_micros() as u64,
                         }),
                         Ok(false),
                     ),
@@ -821,6 +850,14 @@ impl Machine {
 
 fn error_reply(e: &dyn std::fmt::Display) -> Value {
     json!({"ok": false, "error": e.to_string()})
+}
+
+/// A snapshot staged, before the guest is paused.
+struct SnapshotStart {
+    staging: StagingDir,
+    /// Its absolute final path, which disk records are relative to.
+    snapshot_dir: PathBuf,
+    overlays: PendingOverlays,
 }
 
 /// The absolute path a snapshot at `target` is recorded under (its parent resolved).

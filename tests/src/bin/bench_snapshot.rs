@@ -29,14 +29,14 @@ use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cowvm_guest_abi::layout::{max_workload_pages, PAGE_SIZE, WORKLOAD_ADDR};
 use cowvm_tests::bench_util::timing_field;
 use cowvm_tests::bench_util::{
-    command_line, cowvm_binary, env_count, load_average, median, ms, Row,
+    command_line, cowvm_binary, env_count, load_average, median, ms, KillOnDrop, Row, ScratchDir,
 };
 use cowvm_tests::report::{BenchReport, Plot, PlotKind, Series};
 use serde_json::{json, Value};
@@ -48,27 +48,6 @@ const GUESSED_RATE: f64 = 290_000.0;
 /// Rounds for the workload: far more than the bench lasts; the VM is killed at the end.
 const ROUNDS: u64 = 1_000_000_000;
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// A `cowvm` process that is killed (by its pid) and reaped when this drops.
-#[derive(Debug)]
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A scratch directory removed with everything in it when this drops.
-#[derive(Debug)]
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What one snapshot cost and holds.
 #[derive(Debug, Clone)]

@@ -1,10 +1,11 @@
 //! Freezing disks at a snapshot, and the fresh overlays that restored VMs (and a VM after its
 //! snapshot) write to.
 //!
-//! With the VM paused, each writable disk is flushed, its image chain is recorded (paths and
-//! metadata checksums), and a fresh qcow2 overlay is created over the image the VM was writing;
-//! once the memory is written too, the device switches to the overlay and the old image is
-//! closed. The frozen image never changes again: overlays cowvm made are made read-only
+//! Before the pause a fresh qcow2 overlay is created over the image each writable disk is
+//! writing (creating one takes two fsyncs, kept off the pause). With the VM paused, each disk is
+//! flushed, its image chain is recorded (paths and metadata checksums) and the overlay is
+//! opened; once the memory is written too, the device switches to the overlay and the old image
+//! is closed. The frozen image never changes again: overlays cowvm made are made read-only
 //! (mode 0444); an image the user named is left as it is, and a restore checks its checksum.
 //!
 //! Overlays live in a `cowvm-disks/` directory ([`OverlayPlace`]): beside the snapshot directory
@@ -116,23 +117,60 @@ impl Prepared {
     }
 }
 
+/// Overlay files created before a pause (making one takes two fsyncs, which stay off the
+/// pause) and opened in it; any not taken over by a disk are removed when this drops.
+#[derive(Debug, Default)]
+pub struct PendingOverlays(Vec<Option<PathBuf>>);
+
+impl PendingOverlays {
+    /// Creates, for every writable disk, the overlay it will move onto, over its current image.
+    pub fn create(disks: &[AttachedDisk], place: &OverlayPlace) -> Result<Self, FreezeError> {
+        let mut pending = Self::default();
+        for disk in disks {
+            if disk.read_only {
+                pending.0.push(None);
+                continue;
+            }
+            let size = disk.lock().device_mut().backend_mut().size();
+            let path = create_overlay_file(place, disk.index, &disk.top, disk.format, size)?;
+            pending.0.push(Some(path));
+        }
+        Ok(pending)
+    }
+
+    /// The overlay made for disk `index`, now owned by the caller.
+    fn take(&mut self, index: usize) -> Option<PathBuf> {
+        self.0.get_mut(index).and_then(Option::take)
+    }
+}
+
+impl Drop for PendingOverlays {
+    fn drop(&mut self) {
+        for path in self.0.iter().flatten() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// With the VM paused: flushes `disk`, records its chain (relative to `snapshot_dir`, an
-/// absolute path that need not exist yet; absolute without one) and creates the overlay the VM
-/// continues on, in `place`.
+/// absolute path that need not exist yet; absolute without one) and opens the overlay made for
+/// it in `pending`, which the VM continues on.
 pub fn prepare(
     disk: &AttachedDisk,
     snapshot_dir: Option<&Path>,
-    place: &OverlayPlace,
+    pending: &mut PendingOverlays,
 ) -> Result<Prepared, FreezeError> {
     let index = disk.index;
+    let started = std::time::Instant::now();
     let mut device = disk.lock();
     let (transport, block) = (device.save(), device.device().save());
     let backend = device.device_mut().backend_mut();
     backend
         .flush()
         .map_err(|source| FreezeError::Flush { index, source })?;
-    let (size, id) = (backend.size(), backend.id());
+    let id = backend.id();
     drop(device);
+    let flushed = started.elapsed();
     let layers = chain::describe(&disk.top, disk.format)
         .map_err(|source| FreezeError::Chain { index, source })?;
     if !disk.read_only && layers.len() >= DISK_CHAIN_LIMIT {
@@ -154,16 +192,25 @@ pub fn prepare(
             })
             .collect(),
     };
-    if disk.read_only {
+    let Some(path) = pending.take(index) else {
         return Ok(Prepared {
             state,
             overlay: None,
         });
-    }
-    let overlay = create_overlay(place, index, &disk.top, disk.format, size, id)?;
+    };
+    let described = started.elapsed();
+    // Ordering: the overlay is opened (reading the frozen image's metadata through a new
+    // handle) only after the flush above put that metadata in the file.
+    let backend = open_image(&path, DiskFormat::Qcow2, false, id).inspect_err(|_| {
+        let _ = std::fs::remove_file(&path);
+    })?;
+    tracing::debug!(
+        "disk {index} frozen: flush {flushed:?}, chain recorded at {described:?}, overlay open at {:?}",
+        started.elapsed()
+    );
     Ok(Prepared {
         state,
-        overlay: Some(overlay),
+        overlay: Some((path, backend)),
     })
 }
 
@@ -197,6 +244,21 @@ pub fn create_overlay(
     size: u64,
     id: String,
 ) -> Result<(PathBuf, Box<dyn BlockBackend>), FreezeError> {
+    let path = create_overlay_file(place, index, below, format, size)?;
+    let backend = open_image(&path, DiskFormat::Qcow2, false, id).inspect_err(|_| {
+        let _ = std::fs::remove_file(&path);
+    })?;
+    Ok((path, backend))
+}
+
+/// Creates (does not open) a fresh qcow2 overlay over `below` for disk `index`, in `place`.
+fn create_overlay_file(
+    place: &OverlayPlace,
+    index: usize,
+    below: &Path,
+    format: DiskFormat,
+    size: u64,
+) -> Result<PathBuf, FreezeError> {
     let below = std::fs::canonicalize(below).map_err(|e| FreezeError::Open {
         path: below.to_owned(),
         source: Box::new(e),
@@ -217,17 +279,14 @@ pub fn create_overlay(
         backing_format: Some(format.name().to_string()),
         ..qcow::CreateOptions::default()
     };
-    // The backing image is opened right below, with the chain limit the VMM allows.
+    // The backing image is opened when the overlay is, with the chain limit the VMM allows.
     qcow::create::create_with(&path, &options, false).map_err(|source| {
         FreezeError::CreateOverlay {
             path: path.clone(),
             source,
         }
     })?;
-    let backend = open_image(&path, DiskFormat::Qcow2, false, id).inspect_err(|_| {
-        let _ = std::fs::remove_file(&path);
-    })?;
-    Ok((path, backend))
+    Ok(path)
 }
 
 /// Opens one image of a disk as a backend.

@@ -70,7 +70,10 @@ pub struct VirtioBlock {
     capacity_sectors: u64,
     /// Features the driver accepted (set when it reaches DRIVER_OK).
     acked: u64,
-    buffer: Vec<u8>,
+    /// Bounce buffer between guest RAM and the backend, page-aligned: the kernel copies into
+    /// and out of aligned memory several times faster (measured: it was most of a 4 KiB
+    /// request's cost when unaligned).
+    buffer: qcow::raw::AlignedBuf,
     stats: BlockStats,
     /// Where failures are logged as: the disk's index.
     index: usize,
@@ -114,7 +117,7 @@ impl VirtioBlock {
             id: state.id.clone(),
             capacity_sectors: state.capacity_sectors,
             acked: 0,
-            buffer: Vec::new(),
+            buffer: qcow::raw::AlignedBuf::default(),
             stats: BlockStats::default(),
             index,
         }
@@ -236,12 +239,13 @@ impl VirtioBlock {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
-            self.buffer.resize(n, 0);
-            if let Err(e) = self.backend.read(offset + done, &mut self.buffer[..n]) {
+            self.buffer.resize(n);
+            let buffer = &mut self.buffer.as_mut_slice()[..n];
+            if let Err(e) = self.backend.read(offset + done, buffer) {
                 self.log_error(&e);
                 return (Status::IoError, done);
             }
-            if request::write_stream(memory, &chain.writable, done, &self.buffer[..n]).is_err() {
+            if request::write_stream(memory, &chain.writable, done, buffer).is_err() {
                 return (Status::IoError, done);
             }
             done += n as u64;
@@ -261,12 +265,13 @@ impl VirtioBlock {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(CHUNK as u64) as usize;
-            self.buffer.resize(n, 0);
+            self.buffer.resize(n);
+            let buffer = &mut self.buffer.as_mut_slice()[..n];
             let from = HEADER_LEN + done;
-            if request::read_stream(memory, &chain.readable, from, &mut self.buffer[..n]).is_err() {
+            if request::read_stream(memory, &chain.readable, from, buffer).is_err() {
                 return Status::IoError;
             }
-            if let Err(e) = self.backend.write(offset + done, &self.buffer[..n]) {
+            if let Err(e) = self.backend.write(offset + done, buffer) {
                 self.log_error(&e);
                 return Status::IoError;
             }
