@@ -8,7 +8,9 @@
 //! `BENCH_DISK_RUNS` (boots per image kind, default 3), `BENCH_DISK_OPS` (4 KiB requests per
 //! phase, default 16384 = 64 MiB), `BENCH_DISK_BATCH` (requests per notification, default 128),
 //! `BENCH_PAUSE_RUNS` (snapshots per kind, default 7), `BENCH_SCRATCH` (where the images go;
-//! default the system temp directory), `COWVM_BIN`. Figures are medians.
+//! default the system temp directory), `BENCH_RAW_SPARSE=1` (the raw peer is a sparse file the
+//! guest fills in 4 KiB writes, as it fills the qcow2 images, instead of one written full of
+//! zeros first), `COWVM_BIN`. Figures are medians.
 //!
 //! Timing: the guest prints `bench <phase>` as each phase starts and `bench end` after the last;
 //! this program timestamps the lines as they arrive on the pipe from `cowvm`'s stdout, so a phase
@@ -53,6 +55,10 @@ impl Kind {
         let _ = std::fs::remove_file(path);
         let name = path.display().to_string();
         match self {
+            Kind::Raw if std::env::var_os("BENCH_RAW_SPARSE").is_some() => {
+                std::fs::File::create(path)?.set_len(size)?;
+                Ok(format!("{name},format=raw"))
+            }
             Kind::Raw => {
                 let zeros = vec![0u8; 1 << 20];
                 let mut file = std::fs::File::create(path)?;
