@@ -464,3 +464,80 @@ fn live_fork_children_write_their_own_overlays_and_live_snapshots_freeze_disks()
     assert_eq!(last, expected_done(args, 0, &zeros));
     assert_eq!(contents(&frozen_chain), frozen);
 }
+
+#[test]
+fn clones_write_their_own_overlays_over_the_template_disk() {
+    if !kvm_usable("clones_write_their_own_overlays_over_the_template_disk") || skip_without_qemu()
+    {
+        return;
+    }
+    // The template writes its disk in the base rounds, then waits; each clone writes memory and
+    // disk with keys of its own generation.
+    let args = "disk=1 pages=500 rounds=2 seed=3 write=40 gen_rounds=2 wait=1 disk_blocks=128";
+    let parsed = WorkloadArgs::parse(args).unwrap();
+    let zeros = vec![0u8; DISK_SIZE];
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_qcow2(&image, "8M");
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let vm = RunningVm::spawn(
+        &vm_dir,
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--disk",
+            image.to_str().unwrap(),
+            "--args",
+            args,
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&vm.serial)
+        .unwrap_or_default()
+        .contains("waiting for a generation id")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the template never waited"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let template = dir.path().join("snaps").join("template");
+    vm.snapshot(&template, false);
+    vm.kill();
+    let frozen = contents(&frozen_images(&template));
+    let output = cowvm(&[
+        "clone",
+        "--json",
+        template.to_str().unwrap(),
+        "--count",
+        "3",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let outcomes: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("generation").is_some())
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{}", stdout(&output));
+    for outcome in &outcomes {
+        let generation = outcome["generation"].as_u64().unwrap();
+        assert_eq!(
+            outcome["last_line"],
+            expected_done(args, generation, &zeros),
+            "clone {generation}"
+        );
+        // The template froze the user's image; each clone's overlay sits beside it.
+        let overlay = overlay_named(dir.path(), &format!("clone-{generation}.disk0."));
+        let expected = dir.path().join(format!("expected-{generation}.raw"));
+        std::fs::write(&expected, expected_image(&parsed, generation, &zeros)).unwrap();
+        assert_image_is(&overlay, "qcow2", &expected, &format!("clone {generation}"));
+    }
+    assert_eq!(
+        contents(&frozen_images(&template)),
+        frozen,
+        "the template's disk is unchanged by its clones"
+    );
+}
