@@ -313,6 +313,17 @@ fn read_only_disks_are_recorded_and_reopened_without_an_overlay() {
     assert_eq!(std::fs::read(&image).unwrap(), before);
 }
 
+/// `cowvm run --mem 64M --disk IMAGE --args ARGS` with its socket and serial file in `dir/vm`.
+fn run_with_disk(dir: &Path, image: &Path, args: &str) -> RunningVm {
+    let vm_dir = dir.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let disk = image.to_str().unwrap();
+    RunningVm::spawn(
+        &vm_dir,
+        &["run", "--mem", "64M", "--disk", disk, "--args", args],
+    )
+}
+
 /// One request on its own connection; the reply.
 fn request(socket: &Path, json: &str) -> serde_json::Value {
     cowvm_tests::vmm_harness::ApiClient::connect(socket)
@@ -365,20 +376,7 @@ fn live_fork_children_write_their_own_overlays_and_live_snapshots_freeze_disks()
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     create_qcow2(&image, "8M");
-    let vm_dir = dir.path().join("vm");
-    std::fs::create_dir_all(&vm_dir).unwrap();
-    let vm = RunningVm::spawn(
-        &vm_dir,
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--disk",
-            image.to_str().unwrap(),
-            "--args",
-            args,
-        ],
-    );
+    let vm = run_with_disk(dir.path(), &image, args);
     std::thread::sleep(Duration::from_millis(150));
     // A live snapshot first: the writer child records the disk frozen at its pause.
     let snapshot = dir.path().join("snaps").join("live");
@@ -434,9 +432,10 @@ fn live_fork_children_write_their_own_overlays_and_live_snapshots_freeze_disks()
             &format!("child {generation:#x}"),
         );
     }
+    let serial_path = vm.serial.clone();
     let (code, err) = vm.finish();
     assert_eq!(code, Some(0), "{err}");
-    let serial = std::fs::read_to_string(vm_dir.join("serial.log")).unwrap();
+    let serial = std::fs::read_to_string(serial_path).unwrap();
     assert_eq!(
         serial.lines().last().unwrap(),
         expected_done(args, 0, &zeros),
@@ -479,20 +478,7 @@ fn clones_write_their_own_overlays_over_the_template_disk() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     create_qcow2(&image, "8M");
-    let vm_dir = dir.path().join("vm");
-    std::fs::create_dir_all(&vm_dir).unwrap();
-    let vm = RunningVm::spawn(
-        &vm_dir,
-        &[
-            "run",
-            "--mem",
-            "64M",
-            "--disk",
-            image.to_str().unwrap(),
-            "--args",
-            args,
-        ],
-    );
+    let vm = run_with_disk(dir.path(), &image, args);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&vm.serial)
         .unwrap_or_default()

@@ -190,12 +190,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> Result<Machine, BuildErr
         snapshot::verify_chain(&chain)?;
     }
     // Ordering: the disks' frozen chains are checked before KVM is touched, like the state.
-    let disk_chains = top
-        .state
-        .disks
-        .iter()
-        .map(|disk| disk.verify(&top.dir).map_err(SnapshotError::from))
-        .collect::<Result<Vec<_>, _>>()?;
+    let disk_chains = top.verify_disks()?;
     let kvm = open_kvm(&options.kvm_device)?;
     check_vcpu_count(&kvm, &top.state)?;
     let serial_out = serial_output(&options.serial)?;

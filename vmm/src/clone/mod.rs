@@ -120,12 +120,7 @@ impl Template {
             );
         }
         let mapped = MappedFile::new(&path, file.clone()).map_err(open_err)?;
-        let disk_chains = top
-            .state
-            .disks
-            .iter()
-            .map(|disk| disk.verify(&top.dir).map_err(SnapshotError::from))
-            .collect::<Result<Vec<_>, _>>()?;
+        let disk_chains = top.verify_disks()?;
         Ok(Self {
             parent: top.as_parent(),
             dir: top.dir,

@@ -100,6 +100,15 @@ pub struct LoadedSnapshot {
 }
 
 impl LoadedSnapshot {
+    /// Checks every disk's frozen chain (see [`disks::DiskState::verify`]); returns the chains.
+    pub fn verify_disks(&self) -> Result<Vec<Vec<crate::disk::chain::Layer>>, SnapshotError> {
+        self.state
+            .disks
+            .iter()
+            .map(|disk| disk.verify(&self.dir).map_err(SnapshotError::from))
+            .collect()
+    }
+
     /// How a diff built on this snapshot names it.
     pub fn as_parent(&self) -> ParentRef {
         let path = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
