@@ -1,14 +1,12 @@
 //! Backing files: resolving their names and opening them (qcow2 or raw, read-only, bounded depth)
 //! as a [`Disk`].
 
-use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
 pub use crate::disk::Backing;
-use crate::disk::{open_error, Disk, Format, RawDisk};
+use crate::disk::{Disk, Format, RawDisk};
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
-use crate::raw::{open_options_direct, FileStorage};
 
 /// Deepest backing chain followed unless [`OpenOptions::max_backing_depth`] says otherwise.
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -49,6 +47,8 @@ pub fn open_backing_with(
         read_only: true,
         check_mode: false,
         no_backing: false,
+        data_file: None,
+        open_data_file: true,
         ..parent.clone()
     };
     let format = match format {
@@ -62,20 +62,7 @@ pub fn open_backing_with(
     match format {
         Format::Raw => Ok(Disk::Raw(RawDisk::open(path, &options).map_err(wrap)?)),
         Format::Qcow2 => {
-            let opened = if options.direct {
-                open_options_direct(false).open(path)
-            } else {
-                FsOpenOptions::new().read(true).open(path)
-            };
-            let file = opened.map_err(|source| wrap(open_error(path, &options, source)))?;
-            let storage = if options.direct {
-                FileStorage::new_direct(file)
-            } else {
-                FileStorage::new(file)
-            };
-            let image =
-                Image::open_storage_depth(storage, Some(path.to_path_buf()), &options, depth + 1)
-                    .map_err(wrap)?;
+            let image = Image::open_depth(path, &options, depth + 1).map_err(wrap)?;
             Ok(Disk::Qcow2(Box::new(image)))
         }
     }

@@ -93,7 +93,8 @@ pub struct CreateOptions {
     /// 128-bit L2 entries with 32 subclusters per cluster.
     pub extended_l2: bool,
     pub compression_type: CompressionType,
-    /// External data file holding the guest data (relative names: next to the image).
+    /// External data file holding the guest data (a relative name is relative to the working
+    /// directory, as in QEMU).
     pub data_file: Option<String>,
     /// The data file stays a valid raw image of the disk (implies metadata preallocation).
     pub data_file_raw: bool,
@@ -220,15 +221,17 @@ pub fn create_with(path: &Path, options: &CreateOptions, check_backing: bool) ->
     let file = create_file(path)?;
     let mut storage = FileStorage::new(file);
     if let Some(name) = &options.data_file {
-        let data_path = resolve_backing_path(Some(path), name);
+        // Like QEMU, the name is used as given: a relative one is relative to the working
+        // directory, not to the image.
+        let data_path = PathBuf::from(name);
         let data = create_file(&data_path)?;
-        preallocate_file(
-            &data,
-            &data_path,
-            0,
-            options.rounded_size(),
-            options.preallocation,
-        )?;
+        // Preallocated clusters are whole clusters of the data file (QEMU's length too).
+        let end = if options.preallocates() {
+            options.rounded_size().div_ceil(options.cluster_size) * options.cluster_size
+        } else {
+            options.rounded_size()
+        };
+        preallocate_file(&data, &data_path, 0, end, options.preallocation)?;
     }
     let created = create_on(&mut storage, options)?;
     drop(storage);

@@ -1,8 +1,11 @@
 //! The crate's error type: one variant per operation that can fail, each naming what to do, with
-//! typed details (`HeaderProblem`, `SnapshotTableProblem`, `Corruption`) that callers can match.
+//! typed details (`HeaderProblem`, `SnapshotTableProblem`, `Corruption`) that callers can match;
+//! `qemu_text` (in `error/qemu_text.rs`) gives the words qemu-img uses for each.
 
 use std::io;
 use std::path::PathBuf;
+
+mod qemu_text;
 
 /// Everything that can go wrong while opening, creating, reading, writing or checking an image.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +121,22 @@ pub enum Error {
     ReadOnly,
     #[error("the image file is full: no cluster offset left below the qcow2 limit")]
     NoSpace,
+    #[error("cannot open the external data file {path}: {source}")]
+    OpenDataFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the image keeps its data in an external data file, but its header names none: give one (json: `data-file`)")]
+    DataFileRequired,
+    #[error("a data file was given, but the image does not use an external data file")]
+    DataFileNotExternal,
+    #[error("the image says its data file is raw (autoclear bit 1) but uses no external data file — run `qcow check -r all` or clear the bit")]
+    DataFileRawWithoutDataFile,
+    #[error("the image was opened without its external data file (metadata only), so guest data cannot be read or written")]
+    DataFileNotOpen,
+    #[error("{0} is not supported with an external data file")]
+    NotWithDataFile(&'static str),
     #[error("cannot open backing file {path}: {source}")]
     OpenBacking {
         path: PathBuf,
@@ -160,19 +179,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-}
-
-impl Error {
-    /// The text qemu-img prints for this error where its wording differs in form: a failed open
-    /// reads "Could not open 'PATH': REASON".
-    pub fn qemu_text(&self) -> String {
-        match self {
-            Error::OpenFile { path, source } => {
-                format!("Could not open '{}': {}", path.display(), strerror(source))
-            }
-            other => other.to_string(),
-        }
-    }
 }
 
 /// An I/O error's text without Rust's " (os error N)" suffix, as C's `strerror` prints it.
@@ -285,6 +291,13 @@ pub enum Corruption {
     DirtyRepairFailed { remaining: u64 },
     #[error("snapshot L1 table at {offset:#x} is past the end of the file")]
     SnapshotL1PastEnd { offset: u64 },
+    #[error(
+        "external data file host cluster offset {host:#x} does not match guest cluster offset \
+         {guest:#x}, but it must"
+    )]
+    DataFileOffsetMismatch { host: u64, guest: u64 },
+    #[error("compressed cluster entry {entry:#x} found in an image with an external data file")]
+    CompressedWithDataFile { entry: u64 },
 }
 
 fn unsupported_features(names: &[String], unnamed: u64) -> String {

@@ -25,7 +25,7 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Incompatible bits this implementation handles.
 pub const INCOMPAT_SUPPORTED: u64 =
-    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Compatible feature bit 0.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
@@ -153,6 +153,16 @@ impl Header {
     /// Whether L2 entries are extended (128 bits, 32 subclusters).
     pub fn extended_l2(&self) -> bool {
         self.incompatible_features & INCOMPAT_EXTL2 != 0
+    }
+
+    /// Whether guest data lives in an external data file (incompatible bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DATA_FILE != 0
+    }
+
+    /// Whether the external data file is kept valid as a raw image of the disk (autoclear bit 1).
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
     }
 
     /// log2 of the entries per L2 table (a cluster of 8- or 16-byte entries).

@@ -2,7 +2,8 @@
 //! with copy-on-write from backing files, compressed and shared clusters, and ordered metadata writes.
 //!
 //! The work is split by concern: `open` (header and tables in), `read`, `write` (allocation and
-//! copy-on-write), `zero` (zeroing, discard, preallocation), `flush` (ordered metadata write-back).
+//! copy-on-write), `zero` (zeroing, discard, preallocation), `flush` (ordered metadata write-back),
+//! `data_file` (guest clusters kept in an external data file).
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use crate::refcount::Refcounts;
 use crate::snapshot::Snapshot;
 
 mod compressed;
+mod data_file;
 mod flush;
 mod meta;
 mod open;
@@ -50,6 +52,12 @@ pub struct OpenOptions {
     /// Most images a backing chain may hold below this one ([`MAX_BACKING_DEPTH`] by default;
     /// the VMM raises it for the chains its snapshots build, one overlay per snapshot).
     pub max_backing_depth: usize,
+    /// The external data file to use instead of the one the header names (qemu's `data-file`
+    /// option). Only for images with an external data file; never passed on to backing files.
+    pub data_file: Option<PathBuf>,
+    /// Open the external data file (default). `false` opens the metadata alone, as `qemu-img
+    /// info` does (qemu's `BDRV_O_NO_IO`): guest data then cannot be read or written.
+    pub open_data_file: bool,
 }
 
 impl Default for OpenOptions {
@@ -63,6 +71,8 @@ impl Default for OpenOptions {
             no_backing: false,
             direct: false,
             max_backing_depth: MAX_BACKING_DEPTH,
+            data_file: None,
+            open_data_file: true,
         }
     }
 }
@@ -82,6 +92,13 @@ pub struct Image<S: Storage = FileStorage> {
     pub(crate) l2_cache: TableCache<Vec<u64>>,
     pub(crate) refcounts: Refcounts,
     pub(crate) backing: Option<Box<Backing>>,
+    /// The external data file guest clusters live in (incompatible bit 2); `None` without one, or
+    /// when opened metadata-only (see [`OpenOptions::open_data_file`]).
+    pub(crate) data: Option<S>,
+    /// The name the data file was opened by (what `map` prints as its file).
+    pub(crate) data_path: Option<PathBuf>,
+    /// Guest data reached the data file since its last flush.
+    pub(crate) data_dirty: bool,
     /// Host ranges whose refcount drops once the tables that stopped referencing them are durable.
     pub(crate) pending_frees: Vec<(u64, u64)>,
     /// End of the highest cluster allocated since open.
@@ -137,9 +154,10 @@ impl<S: Storage> Image<S> {
         self.header.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
     }
 
-    /// Data-or-hole state of the host file at `host` (see [`Storage::extent_at`]).
+    /// Data-or-hole state at `host` of the file guest clusters live in (see
+    /// [`Storage::extent_at`]).
     pub fn host_extent(&mut self, host: u64, len: u64) -> Result<(bool, u64)> {
-        self.file
+        self.data_storage()?
             .extent_at(host, len)
             .map_err(|source| Error::ReadData {
                 offset: host,

@@ -79,6 +79,11 @@ impl Mapping {
     /// for one that reads as zeros, `Unallocated` for one read from the backing file.
     pub fn decode_sub(entry: u64, bitmap: u64, cluster_bits: u32, index: u32) -> Result<Mapping> {
         let cluster = Mapping::decode_cluster(entry, cluster_bits, true)?;
+        Mapping::sub_of(cluster, entry, bitmap, index)
+    }
+
+    /// Like [`Mapping::decode_sub`], for an entry whose cluster-level mapping `cluster` is known.
+    pub fn sub_of(cluster: Mapping, entry: u64, bitmap: u64, index: u32) -> Result<Mapping> {
         let invalid = || -> Result<Mapping> {
             Err(Corruption::InvalidSubclusterBitmap { entry, bitmap }.into())
         };

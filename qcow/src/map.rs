@@ -57,7 +57,13 @@ fn status<S: Storage>(
     // A subcluster with extended L2 entries.
     let granule = image.granule();
     let length = (granule - offset % granule).min(max_len);
-    let file = image.path().map(|p| p.to_path_buf());
+    // Guest clusters live in the data file, if the image has one.
+    let file = if image.has_data_file() {
+        image.data_file_path()
+    } else {
+        image.path()
+    }
+    .map(|p| p.to_path_buf());
     let entry = |present, zero, data, compressed, offset: Option<u64>, file| MapEntry {
         start: 0,
         length,

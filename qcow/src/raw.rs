@@ -32,7 +32,19 @@ pub trait Storage: Send {
     /// Gives `[offset, offset + len)` (inside the file) back to the host: it reads as zeros
     /// afterwards. The default writes zeros.
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_at(&vec![0u8; len as usize], offset)
+        self.write_zeroes(offset, len)
+    }
+    /// Makes `[offset, offset + len)` read as zeros, keeping it allocated. The default writes
+    /// zeros.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -223,8 +235,30 @@ impl Storage for FileStorage {
             len,
         ) {
             Ok(()) => Ok(()),
-            Err(_) => self.write_at(&vec![0u8; len as usize], offset),
+            Err(_) => self.write_zeroes(offset, len),
         }
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if fallocate(
+            &self.file,
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .is_ok()
+        {
+            return Ok(());
+        }
+        let zeros = AlignedBuf::new(len.min(1 << 20) as usize);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros.as_slice()[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     fn extent_at(&mut self, offset: u64, len: u64) -> io::Result<(bool, u64)> {

@@ -51,6 +51,10 @@ impl<S: Storage> Image<S> {
     /// Like [`Image::write_compressed`] with the compression already done by a [`Compressor`].
     pub fn write_packed(&mut self, guest: u64, data: &[u8], packed: Option<Vec<u8>>) -> Result<()> {
         self.check_writable()?;
+        if self.header.has_data_file() {
+            // QEMU refuses these too: a data file maps every cluster at its guest offset.
+            return Err(Error::NotWithDataFile("compressed writes"));
+        }
         self.check_range(guest, data.len())?;
         let Some(packed) = packed else {
             return self.write_at(data, guest);

@@ -12,6 +12,7 @@ use crate::refcount::Refcounts;
 impl<S: Storage> Image<S> {
     /// Writes dirty refcount blocks, extends the file over every allocated cluster and flushes.
     pub(crate) fn refcount_barrier(&mut self) -> Result<()> {
+        flush_data(self.data.as_mut(), &mut self.data_dirty)?;
         refcount_barrier(
             &mut self.file,
             &mut self.refcounts,
@@ -60,8 +61,8 @@ impl<S: Storage> Image<S> {
         if self.read_only {
             return Ok(());
         }
-        // Ordering, step 1: refcount increments and guest data become durable before any L2 entry
-        // that relies on them.
+        // Ordering, step 1: refcount increments and guest data (in the image file or the data
+        // file) become durable before any L2 entry that relies on them.
         self.refcount_barrier()?;
         // Step 2: L2 tables become durable before L1 entries that point at new tables.
         if self.l2_cache.has_dirty() {
@@ -94,6 +95,16 @@ impl<S: Storage> Image<S> {
         }
         Ok(())
     }
+}
+
+/// Makes the guest data written to an external data file durable (the image file's own data is
+/// flushed by [`refcount_barrier`]).
+pub(crate) fn flush_data<S: Storage>(data: Option<&mut S>, dirty: &mut bool) -> Result<()> {
+    if let (Some(data), true) = (data, *dirty) {
+        data.flush().map_err(Error::Flush)?;
+        *dirty = false;
+    }
+    Ok(())
 }
 
 /// Writes dirty refcount blocks, extends the file over every allocated cluster and flushes.

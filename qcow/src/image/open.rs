@@ -10,48 +10,119 @@ use crate::backing::{open_backing_with, resolve_backing_path};
 use crate::cache::TableCache;
 use crate::disk::open_error;
 use crate::error::{Corruption, Error, Result};
-use crate::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::header::{Header, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::raw::{open_options_direct, AlignedBuf, FileStorage, Storage};
 use crate::refcount::Refcounts;
 use crate::snapshot;
 
 impl Image<FileStorage> {
-    /// Opens the image file at `path`.
+    /// Opens the image file at `path` (and its external data file, if it has one).
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
         Self::open_depth(path.as_ref(), options, 0)
     }
 
-    fn open_depth(path: &Path, options: &OpenOptions, depth: usize) -> Result<Self> {
-        let opened = if options.direct {
-            open_options_direct(!options.read_only).open(path)
-        } else {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(!options.read_only)
-                .open(path)
+    /// Opens the image at `path`, `depth` images below the top of a backing chain.
+    pub(crate) fn open_depth(path: &Path, options: &OpenOptions, depth: usize) -> Result<Self> {
+        let storage = open_file_storage(path, options, !options.read_only)
+            .map_err(|source| open_error(path, options, source))?;
+        let open_data = |name: &Path| {
+            open_file_storage(name, options, !options.read_only).map_err(|source| match open_error(
+                name, options, source,
+            ) {
+                Error::OpenFile { path, source } => Error::OpenDataFile { path, source },
+                other => other,
+            })
         };
-        let file = opened.map_err(|source| open_error(path, options, source))?;
-        let mut storage = if options.direct {
-            FileStorage::new_direct(file)
-        } else {
-            FileStorage::new(file)
-        };
-        storage.set_sync(options.sync);
-        Image::open_storage_depth(storage, Some(path.to_path_buf()), options, depth)
+        Image::open_with(
+            storage,
+            Some(path.to_path_buf()),
+            options,
+            depth,
+            DataSource::Open(&open_data),
+        )
     }
 }
 
+/// Opens `path` as the image's storage with the cache mode of `options` (`O_DIRECT`, sync).
+fn open_file_storage(
+    path: &Path,
+    options: &OpenOptions,
+    write: bool,
+) -> std::io::Result<FileStorage> {
+    let file = if options.direct {
+        open_options_direct(write).open(path)?
+    } else {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)?
+    };
+    let mut storage = if options.direct {
+        FileStorage::new_direct(file)
+    } else {
+        FileStorage::new(file)
+    };
+    storage.set_sync(options.sync);
+    Ok(storage)
+}
+
+/// Where the storage of an image's external data file comes from.
+pub(crate) enum DataSource<'a, S> {
+    /// Opened by name (the header's, or [`OpenOptions::data_file`]).
+    Open(&'a dyn Fn(&Path) -> Result<S>),
+    /// Given by the caller.
+    Given(S),
+    /// None can be had (an image on caller-supplied storage without one).
+    Unavailable,
+}
+
+/// The name of the data file to open: the caller's (`data-file`), else the header's; with QEMU's
+/// refusals. Relative names are relative to the working directory, as in QEMU (which opens the
+/// name as given, not relative to the image).
+fn data_file_name(header: &Header, options: &OpenOptions) -> Result<Option<PathBuf>> {
+    if !options.open_data_file {
+        // Metadata only (qemu's BDRV_O_NO_IO): QEMU skips the data file and its checks.
+        return Ok(None);
+    }
+    if header.has_data_file() {
+        return match (&options.data_file, &header.data_file) {
+            (Some(given), _) => Ok(Some(given.clone())),
+            (None, Some(name)) => Ok(Some(PathBuf::from(name))),
+            (None, None) => Err(Error::DataFileRequired),
+        };
+    }
+    if options.data_file.is_some() {
+        return Err(Error::DataFileNotExternal);
+    }
+    if header.data_file_raw() {
+        return Err(Error::DataFileRawWithoutDataFile);
+    }
+    Ok(None)
+}
+
 impl<S: Storage> Image<S> {
-    /// Opens an image on arbitrary storage. `path` locates relative backing file names.
+    /// Opens an image on arbitrary storage. `path` locates relative backing file names. An image
+    /// with an external data file needs [`Image::open_storage_with_data`].
     pub fn open_storage(file: S, path: Option<PathBuf>, options: &OpenOptions) -> Result<Self> {
-        Self::open_storage_depth(file, path, options, 0)
+        Self::open_with(file, path, options, 0, DataSource::Unavailable)
     }
 
-    pub(crate) fn open_storage_depth(
+    /// Opens an image whose guest clusters live in the external data file `data`.
+    pub fn open_storage_with_data(
+        file: S,
+        data: S,
+        path: Option<PathBuf>,
+        options: &OpenOptions,
+    ) -> Result<Self> {
+        Self::open_with(file, path, options, 0, DataSource::Given(data))
+    }
+
+    pub(crate) fn open_with(
         mut file: S,
         path: Option<PathBuf>,
         options: &OpenOptions,
         depth: usize,
+        data_source: DataSource<'_, S>,
     ) -> Result<Self> {
         let file_len = file.len().map_err(Error::ReadHeader)?;
         let mut first = vec![0u8; 104];
@@ -99,6 +170,25 @@ impl<S: Storage> Image<S> {
         file.read_at(&mut l1_raw, header.l1_table_offset)
             .map_err(Error::ReadL1Table)?;
         let l1: Vec<u64> = l1_raw.chunks_exact(8).map(BigEndian::read_u64).collect();
+        // Like QEMU: the data file is opened after the header and L1 table, before the snapshot
+        // table and the backing file.
+        let (data, data_path) = match (data_file_name(&header, options)?, data_source) {
+            (None, DataSource::Given(_)) if options.open_data_file => {
+                return Err(Error::DataFileNotExternal)
+            }
+            (None, _) => (None, None),
+            (Some(name), DataSource::Given(data)) => (Some(data), Some(name)),
+            (Some(name), DataSource::Open(open)) => (Some(open(&name)?), Some(name)),
+            (Some(name), DataSource::Unavailable) => {
+                return Err(Error::OpenDataFile {
+                    path: name,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::Unsupported,
+                        "no storage was given for it (Image::open_storage_with_data)",
+                    ),
+                })
+            }
+        };
         // A check-mode open leaves an unusable snapshot table pointer for `check` to report.
         let snapshot_pointer_problem = if options.check_mode {
             crate::check::snapshot_pointer_problem(&header)
@@ -162,6 +252,9 @@ impl<S: Storage> Image<S> {
             l2_cache: TableCache::new(l2_tables),
             refcounts,
             backing,
+            data,
+            data_path,
+            data_dirty: false,
             pending_frees: Vec::new(),
             alloc_end: 0,
             known_len: file_len,
@@ -185,13 +278,15 @@ impl<S: Storage> Image<S> {
                 }
                 image.set_incompatible(image.header.incompatible_features & !INCOMPAT_DIRTY)?;
             }
-            if image.header.autoclear_features != 0 {
-                // We do not maintain bitmaps or other autoclear features: clearing the bits tells
-                // other tools the corresponding data is stale.
-                image.header.autoclear_features = 0;
+            // The raw data file bit is kept (writes keep the data file a raw image of the disk);
+            // bitmaps and unknown autoclear features are not maintained: clearing their bits
+            // tells other tools the corresponding data is stale.
+            let kept = image.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW;
+            if image.header.autoclear_features != kept {
+                image.header.autoclear_features = kept;
                 image
                     .file
-                    .write_at(&[0u8; 8], 88)
+                    .write_at(&kept.to_be_bytes(), 88)
                     .map_err(Error::WriteHeader)?;
                 image.file.flush().map_err(Error::Flush)?;
             }

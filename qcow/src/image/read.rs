@@ -3,7 +3,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::flush::{refcount_barrier, write_l2};
+use super::flush::{flush_data, refcount_barrier, write_l2};
 use super::Image;
 use crate::error::{Corruption, Error, Result};
 use crate::header::{CompressionType, MAX_HOST_OFFSET};
@@ -51,10 +51,13 @@ impl<S: Storage> Image<S> {
         let refcounts = &mut self.refcounts;
         let alloc_end = self.alloc_end;
         let known_len = &mut self.known_len;
+        let data = &mut self.data;
+        let data_dirty = &mut self.data_dirty;
         self.l2_cache
             .insert(offset, table, dirty, |victim, victim_table| {
                 // Ordering: refcounts (and data) for every entry of the evicted table reach the disk
                 // before the table does.
+                flush_data(data.as_mut(), data_dirty)?;
                 refcount_barrier(file, refcounts, alloc_end, known_len)?;
                 write_l2(file, victim, victim_table)
             })
@@ -69,12 +72,19 @@ impl<S: Storage> Image<S> {
         }
         self.load_l2(l2_offset)?;
         let index = self.l2_index(guest);
-        if self.header.extended_l2() {
+        let (entry, mapping) = if self.header.extended_l2() {
             let (entry, bitmap) = self.l2_pair(l2_offset, index);
-            return Mapping::decode_sub(entry, bitmap, self.cluster_bits, self.subcluster(guest));
+            let cluster = self.decode(entry)?;
+            let sub = self.subcluster(guest);
+            (entry, Mapping::sub_of(cluster, entry, bitmap, sub)?)
+        } else {
+            let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
+            (entry, self.decode(entry)?)
+        };
+        if self.header.has_data_file() {
+            return self.check_data_file_mapping(mapping, entry, guest);
         }
-        let entry = self.l2_cache.get(l2_offset).map(|t| t[index]).unwrap_or(0);
-        Mapping::decode(entry, self.cluster_bits)
+        Ok(mapping)
     }
 
     /// Reads `buf.len()` bytes at guest offset `offset`.
@@ -114,8 +124,9 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// Reads guest data at host offset `host` (of the data file, if the image has one).
     pub(crate) fn read_host(&mut self, buf: &mut [u8], host: u64) -> Result<()> {
-        self.file
+        self.data_storage()?
             .read_at(buf, host)
             .map_err(|source| Error::ReadData {
                 offset: host,

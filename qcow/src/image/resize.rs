@@ -45,6 +45,14 @@ impl<S: Storage> Image<S> {
     }
 
     fn grow(&mut self, old_size: u64, new_size: u64, needed: usize) -> Result<()> {
+        // Ordering: the data file is long enough before the header says the disk is.
+        let raw = self.header.data_file_raw();
+        let data_len = if raw {
+            new_size.div_ceil(self.cluster_size) * self.cluster_size
+        } else {
+            new_size
+        };
+        self.resize_data_file(data_len)?;
         if needed > self.l1.len() {
             let mut l1 = self.l1.clone();
             l1.resize(needed, 0);
@@ -52,6 +60,12 @@ impl<S: Storage> Image<S> {
             self.flush()?;
         } else {
             self.write_size(new_size)?;
+        }
+        if raw {
+            // A raw data file stays the disk's raw image: like QEMU, the new area is mapped
+            // (metadata preallocation) onto the data file's new, zero-reading end.
+            self.map_data_file(old_size, new_size)?;
+            self.flush()?;
         }
         // A backing file longer than the old disk must not show through the new area (what the
         // disk held there is gone): make it read as zeros, as QEMU does.
@@ -98,6 +112,9 @@ impl<S: Storage> Image<S> {
         for table in dropped_tables {
             self.pending_frees.push((table, cluster_size));
         }
+        self.flush()?;
+        // Like QEMU, the data file is cut to the new size exactly.
+        self.resize_data_file(new_size)?;
         self.flush()?;
         self.truncate_unused()
     }

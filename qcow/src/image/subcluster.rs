@@ -24,8 +24,11 @@ impl<S: Storage> Image<S> {
         let sub_start = cluster_start + u64::from(sub) * granule;
         let (l2_offset, index) = self.l2_for_write(guest)?;
         let (entry, bitmap) = self.l2_pair(l2_offset, index);
-        let old_sub = Mapping::decode_sub(entry, bitmap, self.cluster_bits, sub)?;
-        let cluster = self.decode(entry)?;
+        let mut cluster = self.decode(entry)?;
+        if self.header.has_data_file() {
+            cluster = self.check_data_file_mapping(cluster, entry, guest)?;
+        }
+        let old_sub = Mapping::sub_of(cluster, entry, bitmap, sub)?;
         let (host, mut new_bitmap, replaced) = match cluster {
             Mapping::Normal { host, copied: true } => {
                 self.check_in_place(host)?;
@@ -34,20 +37,20 @@ impl<S: Storage> Image<S> {
             Mapping::Normal { host: old, .. } => {
                 // Shared with a snapshot: the cluster is copied whole (its allocated subclusters
                 // are what matters), keeping the bitmap.
-                let new = self.alloc_cluster()?;
+                let new = self.alloc_data(cluster_start, 1)?;
                 let mut whole = vec![0u8; self.cluster_size as usize];
                 self.read_host(&mut whole, old)?;
                 self.write_host(&whole, new)?;
                 (new, bitmap, true)
             }
             Mapping::Compressed { .. } => {
-                let new = self.alloc_cluster()?;
+                let new = self.alloc_data(cluster_start, 1)?;
                 let mut whole = vec![0u8; self.cluster_size as usize];
                 self.read_unmapped(cluster, cluster_start, &mut whole)?;
                 self.write_host(&whole, new)?;
                 (new, ALL_ALLOCATED, true)
             }
-            _ => (self.alloc_cluster()?, bitmap, false),
+            _ => (self.alloc_data(cluster_start, 1)?, bitmap, false),
         };
         let at = host + (sub_start - cluster_start);
         if len as u64 == granule && data.is_some() {
@@ -163,9 +166,14 @@ impl<S: Storage> Image<S> {
     /// Makes a whole cluster read as zeros: every subcluster zero; the host cluster is let go
     /// if `may_unmap` (or it was compressed).
     fn zero_cluster_ext(&mut self, guest: u64, may_unmap: bool) -> Result<()> {
+        // Ordering: a raw data file reads as zeros before the entry says the cluster does.
+        self.zero_raw_data(guest, self.cluster_size, may_unmap)?;
         let (l2_offset, index) = self.l2_for_write(guest)?;
         let (entry, _) = self.l2_pair(l2_offset, index);
-        let cluster = self.decode(entry)?;
+        let mut cluster = self.decode(entry)?;
+        if self.header.has_data_file() {
+            cluster = self.check_data_file_mapping(cluster, entry, guest)?;
+        }
         let unmap = match cluster {
             Mapping::Compressed { .. } => true,
             Mapping::Normal { .. } => may_unmap,
@@ -174,7 +182,7 @@ impl<S: Storage> Image<S> {
         let new_entry = if unmap { 0 } else { entry };
         self.set_l2_pair(l2_offset, index, new_entry, ALL_ZEROES)?;
         if unmap {
-            self.release(cluster);
+            self.unmap_cluster(cluster)?;
         }
         Ok(())
     }
@@ -182,6 +190,7 @@ impl<S: Storage> Image<S> {
     /// Makes the whole subclusters of `[start, end)` (inside one cluster) read as zeros.
     fn zero_subclusters(&mut self, start: u64, end: u64) -> Result<()> {
         let granule = self.granule();
+        self.zero_raw_data(start, end - start, false)?;
         let (l2_offset, index) = self.l2_for_write(start)?;
         let (entry, bitmap) = self.l2_pair(l2_offset, index);
         if let Mapping::Compressed { .. } = self.decode(entry)? {
@@ -210,14 +219,16 @@ impl<S: Storage> Image<S> {
         }
         let (l2_offset, index) = self.l2_for_write(guest)?;
         let (entry, bitmap) = self.l2_pair(l2_offset, index);
-        let cluster = self.decode(entry)?;
+        let mut cluster = self.decode(entry)?;
+        if self.header.has_data_file() {
+            cluster = self.check_data_file_mapping(cluster, entry, guest)?;
+        }
         let allocated = !matches!(cluster, Mapping::Unallocated);
         if (!allocated && self.backing.is_none()) || (entry, bitmap) == (0, ALL_ZEROES) {
             return Ok(());
         }
         self.set_l2_pair(l2_offset, index, 0, ALL_ZEROES)?;
-        self.release(cluster);
-        Ok(())
+        self.unmap_cluster(cluster)
     }
 }
 

@@ -88,13 +88,18 @@ impl<S: Storage> Image<S> {
     }
 
     /// Calls `visit(host, len)` for every host range the L1 table `l1` references: each L2
-    /// table, and each data or compressed cluster once per L1 entry that reaches it.
+    /// table, and each data or compressed cluster once per L1 entry that reaches it (data
+    /// clusters in an external data file have no refcounts and are left out).
     pub(crate) fn walk_tree(&mut self, l1: &[u64], mut visit: impl FnMut(u64, u64)) -> Result<()> {
         for (l1_index, &entry) in l1.iter().enumerate() {
             if entry & OFFSET_MASK == 0 {
                 continue;
             }
             let l2_offset = self.valid_l2_offset(l1_index, entry)?;
+            if self.header.has_data_file() {
+                visit(l2_offset, self.cluster_size);
+                continue;
+            }
             let table = self.l2_table(l2_offset)?;
             for l2_entry in self.l2_words(&table) {
                 if let Some((host, len)) = self.decode(l2_entry)?.host_range(self.cluster_size) {
@@ -163,7 +168,8 @@ impl<S: Storage> Image<S> {
     /// Decodes one L2 mapping word at cluster level (for extended L2 entries, whether the cluster
     /// has a host cluster, not what its subclusters read as).
     pub(crate) fn decode(&self, entry: u64) -> Result<Mapping> {
-        Mapping::decode_cluster(entry, self.cluster_bits, self.header.extended_l2())
+        let mapping = Mapping::decode_cluster(entry, self.cluster_bits, self.header.extended_l2())?;
+        Ok(self.data_file_cluster(entry, mapping))
     }
 
     /// The unit of allocation state: a subcluster with extended L2 entries, else a cluster.
@@ -255,6 +261,12 @@ impl<S: Storage> Image<S> {
             let mut changes = Vec::new();
             for (index, l2_entry) in self.l2_words(&table).into_iter().enumerate() {
                 let wanted = match self.decode(l2_entry)? {
+                    // Data file clusters have refcount 1 by definition.
+                    Mapping::Normal { .. } | Mapping::ZeroAlloc { .. }
+                        if self.header.has_data_file() =>
+                    {
+                        l2_entry | COPIED
+                    }
                     Mapping::Normal { host, .. } | Mapping::ZeroAlloc { host } => {
                         let refcount = self
                             .refcounts

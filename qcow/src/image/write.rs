@@ -12,13 +12,18 @@ const MAX_PENDING_FREES: usize = 4096;
 const MAX_FRESH_RUN: u64 = 512;
 
 impl<S: Storage> Image<S> {
+    /// Writes guest data at host offset `host` (of the data file, if the image has one).
     pub(crate) fn write_host(&mut self, buf: &[u8], host: u64) -> Result<()> {
-        self.file
+        self.data_storage()?
             .write_at(buf, host)
             .map_err(|source| Error::WriteData {
                 offset: host,
                 source,
-            })
+            })?;
+        if self.data.is_some() {
+            self.data_dirty = true;
+        }
+        Ok(())
     }
 
     pub(crate) fn check_writable(&self) -> Result<()> {
@@ -107,7 +112,7 @@ impl<S: Storage> Image<S> {
     fn write_fresh_clusters(&mut self, guest: u64, data: &[u8]) -> Result<()> {
         let count = data.len() as u64 / self.cluster_size;
         let (l2_offset, index) = self.l2_for_write(guest)?;
-        let host = self.alloc_clusters(count)?;
+        let host = self.alloc_data(guest, count)?;
         self.write_host(data, host)?;
         // Ordering: like any new data, the entries sit in the cached L2 table, written only
         // after the refcount barrier that also makes this data durable.
@@ -121,8 +126,12 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    /// Refuses in-place writes to a data cluster that overlaps metadata or lies past the file.
+    /// Refuses in-place writes to a data cluster that overlaps metadata or lies past the file
+    /// (an external data file holds no metadata and may be shorter than the disk).
     pub(crate) fn check_in_place(&mut self, host: u64) -> Result<()> {
+        if self.header.has_data_file() {
+            return Ok(());
+        }
         if self.refcounts.overlaps_protected(host) {
             return Err(Corruption::DataOverlapsMetadata { host }.into());
         }
@@ -218,19 +227,22 @@ impl<S: Storage> Image<S> {
         let cluster_start = guest - in_cluster;
         let (l2_offset, index) = self.l2_for_write(guest)?;
         let entry = self.l2_entry(l2_offset, index);
-        let mapping = Mapping::decode(entry, self.cluster_bits)?;
+        let mapping = self.decode(entry)?;
+        if self.header.has_data_file() {
+            self.check_data_file_mapping(mapping, entry, guest)?;
+        }
         if let Mapping::Normal { host, copied: true } = mapping {
             self.check_in_place(host)?;
             let at = host + in_cluster;
             return match data {
-                Some(data) => self.file.write_at(data, at),
-                None => self.file.write_at(&vec![0u8; len], at),
-            }
-            .map_err(|source| Error::WriteData { offset: at, source });
+                Some(data) => self.write_host(data, at),
+                None => self.write_host(&vec![0u8; len], at),
+            };
         }
         // A preallocated zero cluster that is ours alone is reused in place (filled with zeros
         // around the new data); anything else gets a new cluster.
         let reuse = match mapping {
+            Mapping::ZeroAlloc { host } if self.header.has_data_file() => Some(host),
             Mapping::ZeroAlloc { host }
                 if entry & COPIED != 0
                     && host < self.known_len
@@ -242,16 +254,12 @@ impl<S: Storage> Image<S> {
         };
         let new_host = match reuse {
             Some(host) => host,
-            None => self.alloc_cluster()?,
+            None => self.alloc_data(cluster_start, 1)?,
         };
         // Every write extends the file, so a cluster starting at or past its end has never been
-        // written and reads as zeros (a freed and reused cluster is always below the end).
-        let fresh = reuse.is_none()
-            && new_host
-                >= self.file.len().map_err(|source| Error::WriteData {
-                    offset: new_host,
-                    source,
-                })?;
+        // written and reads as zeros (a freed and reused cluster is always below the end; a data
+        // file cluster past its end was never written either).
+        let fresh = reuse.is_none() && new_host >= self.data_len()?;
         let old_reads_zero = match mapping {
             Mapping::ZeroPlain | Mapping::ZeroAlloc { .. } => true,
             Mapping::Unallocated => self
@@ -262,20 +270,12 @@ impl<S: Storage> Image<S> {
         };
         if len as u64 == self.cluster_size && data.is_some() {
             if let Some(data) = data {
-                self.file
-                    .write_at(data, new_host)
-                    .map_err(|source| Error::WriteData {
-                        offset: new_host,
-                        source,
-                    })?;
+                self.write_host(data, new_host)?;
             }
         } else if old_reads_zero && fresh {
             // The new cluster reads as zeros already: write only the new bytes.
             if let Some(data) = data {
-                let at = new_host + in_cluster;
-                self.file
-                    .write_at(data, at)
-                    .map_err(|source| Error::WriteData { offset: at, source })?;
+                self.write_host(data, new_host + in_cluster)?;
             }
         } else {
             let mut scratch = std::mem::take(&mut self.scratch);
@@ -294,18 +294,9 @@ impl<S: Storage> Image<S> {
                 Some(data) => buf[range].copy_from_slice(data),
                 None => buf[range].fill(0),
             }
-            let result = match read {
-                Ok(()) => self.file.write_at(buf, new_host),
-                Err(e) => {
-                    self.scratch = scratch;
-                    return Err(e);
-                }
-            };
+            let result = read.and_then(|()| self.write_host(buf, new_host));
             self.scratch = scratch;
-            result.map_err(|source| Error::WriteData {
-                offset: new_host,
-                source,
-            })?;
+            result?;
         }
         // Ordering: the entry publishing the new cluster sits in the cached L2 table, which is only
         // written after the refcount barrier that also makes this data durable.
@@ -316,8 +307,12 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    /// Queues the reference `mapping` held for release after the next metadata flush.
+    /// Queues the reference `mapping` held for release after the next metadata flush. Data file
+    /// clusters hold no reference (and a replaced one is the same cluster): nothing to release.
     pub(crate) fn release(&mut self, mapping: Mapping) {
+        if self.header.has_data_file() {
+            return;
+        }
         if let Some(range) = mapping.host_range(self.cluster_size) {
             self.pending_frees.push(range);
         }

@@ -51,6 +51,8 @@ impl<S: Storage> Image<S> {
     /// Turns a whole guest cluster into zeros via its L2 entry; false if the format can't (v2 with a
     /// backing file).
     fn zero_whole_cluster(&mut self, guest: u64, may_unmap: bool) -> Result<bool> {
+        // Ordering: a raw data file reads as zeros before the entry says the cluster does.
+        self.zero_raw_data(guest, self.cluster_size, may_unmap)?;
         if !may_unmap && self.header.version >= 3 {
             if let Mapping::Normal { host, copied: true } = self.mapping(guest)? {
                 let (l2_offset, index) = self.l2_for_write(guest)?;
@@ -76,23 +78,32 @@ impl<S: Storage> Image<S> {
             return Ok(());
         }
         let (l2_offset, index) = self.l2_for_write(guest)?;
-        let mapping = if self.header.extended_l2() {
-            let old = self.l2_pair(l2_offset, index);
-            if old == (new_entry, 0) {
-                return Ok(());
-            }
-            let mapping = self.decode(old.0)?;
-            self.set_l2_pair(l2_offset, index, new_entry, 0)?;
-            mapping
+        let (old_entry, old_bitmap) = if self.header.extended_l2() {
+            self.l2_pair(l2_offset, index)
         } else {
-            let old_entry = self.l2_entry(l2_offset, index);
-            if old_entry == new_entry {
-                return Ok(());
-            }
-            let mapping = Mapping::decode(old_entry, self.cluster_bits)?;
-            self.set_l2_entry(l2_offset, index, new_entry)?;
-            mapping
+            (self.l2_entry(l2_offset, index), 0)
         };
+        if (old_entry, old_bitmap) == (new_entry, 0) {
+            return Ok(());
+        }
+        let mut mapping = self.decode(old_entry)?;
+        if self.header.has_data_file() {
+            mapping = self.check_data_file_mapping(mapping, old_entry, guest)?;
+        }
+        if self.header.extended_l2() {
+            self.set_l2_pair(l2_offset, index, new_entry, 0)?;
+        } else {
+            self.set_l2_entry(l2_offset, index, new_entry)?;
+        }
+        self.unmap_cluster(mapping)
+    }
+
+    /// The guest cluster that `mapping` described was unmapped (discarded, or zeroed with
+    /// unmap): its host cluster is released, or in a data file, the discard passed on to it.
+    pub(crate) fn unmap_cluster(&mut self, mapping: Mapping) -> Result<()> {
+        if self.header.has_data_file() {
+            return self.discard_data(mapping);
+        }
         self.release(mapping);
         Ok(())
     }
@@ -163,7 +174,7 @@ impl<S: Storage> Image<S> {
             let (l2_offset, index) = self.l2_for_write(guest)?;
             let entry = self.l2_entry(l2_offset, index);
             if entry == 0 {
-                let host = self.alloc_cluster()?;
+                let host = self.alloc_data(guest, 1)?;
                 self.set_l2_entry(l2_offset, index, host | COPIED)?;
             }
             guest += self.cluster_size;

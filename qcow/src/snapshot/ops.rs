@@ -63,6 +63,9 @@ impl<S: Storage> Image<S> {
     /// keep working and every shared cluster is copied on its next write.
     pub fn create_snapshot(&mut self, new: &NewSnapshot) -> Result<Snapshot> {
         self.check_writable()?;
+        if self.header.has_data_file() {
+            return Err(Error::NotWithDataFile("internal snapshots"));
+        }
         if self.snapshots.len() as u64 >= MAX_SNAPSHOTS {
             return Err(Error::Snapshot(SnapshotError::TableFull(MAX_SNAPSHOTS)));
         }

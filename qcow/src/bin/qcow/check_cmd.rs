@@ -102,6 +102,7 @@ fn check(spec: &ImageSpec, repair: Repair, json: bool, quiet: bool) -> Result<u8
         read_only: repair == Repair::None,
         check_mode: true,
         no_backing: true,
+        data_file: spec.data_file.clone(),
         ..OpenOptions::default()
     };
     let mut image = Image::open(&spec.path, &options)

@@ -8,9 +8,10 @@ use qcow::header::CompressionType;
 use qcow::{Error as LibError, ParseSizeError};
 
 use crate::getopt::{OptSpec, FORMAT, HELP, OBJECT, QUIET};
-use crate::image_arg::{self, format_error_text, strip_file_prefix};
+use crate::image_arg::{self, strip_file_prefix};
 use crate::prog::Fail;
 use crate::qemu_opts::{self, Desc, Opts};
+use qcow::error::strerror;
 
 const SPECS: &[OptSpec] = &[
     HELP,
@@ -282,7 +283,7 @@ fn open_backing_for_create(
         }
     }
     let disk = image_arg::open_chain_for_create(&full, format)
-        .map_err(|e| format!("{}\nCould not open backing image.", format_error_text(&e)))?;
+        .map_err(|e| format!("{}\nCould not open backing image.", e.qemu_text()))?;
     if format.is_none() {
         return Err(format!(
             "Backing file specified without backing format\nDetected format of {}.",
@@ -458,7 +459,7 @@ fn create_qcow2(path: &Path, opts: &Opts) -> Result<(), String> {
         no_backing: true,
         ..qcow::OpenOptions::default()
     };
-    qcow::Image::open(path, &reopen).map_err(|e| format_error_text(&e))?;
+    qcow::Image::open(path, &reopen).map_err(|e| e.qemu_text())?;
     Ok(())
 }
 
@@ -468,13 +469,12 @@ fn create_error_text(path: &Path, error: &LibError) -> String {
         LibError::CreateFile { path: file, source } => format!(
             "Could not create '{}': {}",
             file.display(),
-            image_arg::errno_text(source)
+            strerror(source)
         ),
         LibError::InvalidOption(problem) => problem.to_string(),
-        LibError::WriteHeader(source) | LibError::Flush(source) => format!(
-            "Could not write qcow2 header: {}",
-            image_arg::errno_text(source)
-        ),
+        LibError::WriteHeader(source) | LibError::Flush(source) => {
+            format!("Could not write qcow2 header: {}", strerror(source))
+        }
         other => format!("Could not create '{}': {other}", path.display()),
     }
 }

@@ -1,10 +1,9 @@
 //! Image arguments as qemu-img takes them — a path, `file:PATH`, `json:{…}` or (`--image-opts`) a
 //! `key=value` list — and qemu-img's `Could not open '…': …` messages when opening fails.
 
-use std::io;
 use std::path::{Path, PathBuf};
 
-use qcow::error::{HeaderProblem, SnapshotTableProblem};
+use qcow::error::strerror;
 use qcow::{Error as LibError, Format};
 use serde_json::Value;
 
@@ -21,6 +20,8 @@ pub struct ImageSpec {
     pub format: Option<String>,
     /// `"backing": null`: do not open a backing file.
     pub no_backing: bool,
+    /// `data-file.filename`: the external data file to use instead of the one the image names.
+    pub data_file: Option<PathBuf>,
 }
 
 impl ImageSpec {
@@ -57,6 +58,7 @@ pub fn parse(arg: &str, format: Option<&str>) -> Result<ImageSpec, Fail> {
         path,
         format: format.map(str::to_string),
         no_backing: false,
+        data_file: None,
     })
 }
 
@@ -129,6 +131,11 @@ const HARMLESS_OPTIONS: &[&str] = &[
     "file.read-only",
     "file.aio",
     "file.locking",
+    "data-file.driver",
+    "data-file.node-name",
+    "data-file.read-only",
+    "data-file.aio",
+    "data-file.locking",
 ];
 
 /// Builds a spec from flattened block options.
@@ -138,6 +145,7 @@ fn from_options(arg: &str, options: &[(String, Value)]) -> Result<ImageSpec, Str
         path: PathBuf::new(),
         format: None,
         no_backing: false,
+        data_file: None,
     };
     let mut filename = None;
     for (key, value) in options {
@@ -157,6 +165,13 @@ fn from_options(arg: &str, options: &[(String, Value)]) -> Result<ImageSpec, Str
                 ));
             }
             "backing" if value.is_null() => spec.no_backing = true,
+            "data-file.filename" => spec.data_file = text.map(PathBuf::from),
+            "data-file" => {
+                let name = text.unwrap_or_default();
+                return Err(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                ));
+            }
             key if HARMLESS_OPTIONS.contains(&key) => {}
             other => {
                 let driver = spec.format.clone().unwrap_or_else(|| "qcow2".into());
@@ -260,7 +275,7 @@ pub fn resolve_format(spec: &ImageSpec) -> Result<Format, Fail> {
         Some("qcow2") => Ok(Format::Qcow2),
         Some("raw") => Ok(Format::Raw),
         Some(other) => Err(fail(unsupported_driver(other))),
-        None => Format::probe(&spec.path).map_err(|e| fail(format_error_text(&e))),
+        None => Format::probe(&spec.path).map_err(|e| fail(e.qemu_text())),
     }
 }
 
@@ -287,131 +302,14 @@ fn check_regular(spec: &ImageSpec) -> Result<(), String> {
         Err(e) => Err(format!(
             "Could not open '{}': {}",
             path.display(),
-            errno_text(&e)
+            strerror(&e)
         )),
-    }
-}
-
-/// The C library's text for an I/O error (`No such file or directory`), without Rust's
-/// ` (os error 2)` suffix.
-pub fn errno_text(error: &io::Error) -> String {
-    let text = error.to_string();
-    match text.find(" (os error") {
-        Some(at) => text[..at].to_string(),
-        None => text,
     }
 }
 
 /// `Could not open 'ARG': REASON` for an image that failed to open.
 pub fn open_error_text(arg: &str, error: &LibError) -> String {
-    format!("Could not open '{arg}': {}", format_error_text(error))
-}
-
-/// QEMU's reason for a failed open (the part after `Could not open '…': `).
-pub fn format_error_text(error: &LibError) -> String {
-    match error {
-        LibError::OpenFile { path, source } => format!(
-            "Could not open '{}': {}",
-            path.display(),
-            errno_text(source)
-        ),
-        LibError::OpenBacking { path, source } => {
-            // Nested backing files: name the file that failed, once.
-            let (mut path, mut inner) = (path, source.as_ref());
-            while let LibError::OpenBacking {
-                path: deeper,
-                source,
-            } = inner
-            {
-                path = deeper;
-                inner = source.as_ref();
-            }
-            match inner {
-                LibError::OpenFile { source: io, .. } => format!(
-                    "Could not open backing file: Could not open '{}': {}",
-                    path.display(),
-                    errno_text(io)
-                ),
-                other => format!("Could not open backing file: {}", format_error_text(other)),
-            }
-        }
-        LibError::BadMagic(_) => "Image is not in qcow2 format".into(),
-        LibError::UnsupportedVersion(version) => format!("Unsupported qcow2 version {version}"),
-        LibError::InvalidClusterBits(bits) => format!("Unsupported cluster size: 2^{bits}"),
-        LibError::UnknownIncompatibleFeature { .. } => error.to_string(),
-        LibError::CorruptImage => "qcow2: Image is corrupt; cannot be opened read/write".into(),
-        LibError::InvalidRefcountOrder(_) => {
-            "Reference count entry width too large; may not exceed 64 bits".into()
-        }
-        LibError::RefcountTableTooLarge(_) => "Reference count table too large".into(),
-        LibError::L1TableTooLarge(_) => "Active L1 table too large".into(),
-        LibError::L1TableTooSmall { .. } => "L1 table is too small".into(),
-        // QEMU checks alignment and range; a table past the end of the file is this tool's own
-        // (stricter) refusal and keeps its explanation.
-        LibError::InvalidTableOffset { what, why, .. } if *why != "past the end of the file" => {
-            match *what {
-                "refcount table" => "Reference count table offset invalid".into(),
-                "L1 table" => "Active L1 table offset invalid".into(),
-                "snapshot table" => "Snapshot table offset invalid".into(),
-                _ => error.to_string(),
-            }
-        }
-        LibError::TooManySnapshots(_) => "Snapshot table too large".into(),
-        LibError::BackingNameTooLong(_) => "Backing file name too long".into(),
-        LibError::HeaderExtensionTooLarge { .. } => "Header extension too large".into(),
-        LibError::InvalidHeader(problem) => header_problem_text(problem),
-        LibError::InvalidSnapshotTable(problem) => snapshot_problem_text(problem),
-        LibError::BackingChainTooDeep(_) => "Backing file chain is too deep (or loops)".into(),
-        other => other.to_string(),
-    }
-}
-
-fn header_problem_text(problem: &HeaderProblem) -> String {
-    match problem {
-        HeaderProblem::FileTooShort(_)
-        | HeaderProblem::ShorterThanV2Header
-        | HeaderProblem::ShorterThanV3Header => "qcow2 header too short".into(),
-        HeaderProblem::HeaderLengthTooShort(_) => "qcow2 header too short".into(),
-        HeaderProblem::HeaderLengthExceedsCluster { .. } | HeaderProblem::HeaderLengthPastEnd => {
-            "qcow2 header exceeds cluster size".into()
-        }
-        HeaderProblem::UnknownCompressionType(kind) => {
-            format!("qcow2: unknown compression type: {kind}")
-        }
-        HeaderProblem::BackingOffsetOutsideCluster(_) | HeaderProblem::BackingNamePastEnd => {
-            "Invalid backing file offset".into()
-        }
-        HeaderProblem::Encrypted(2) => {
-            "LUKS-encrypted images are not supported by this tool (encryption is out of scope)"
-                .into()
-        }
-        HeaderProblem::Encrypted(1) => {
-            "AES-encrypted images are not supported by this tool (encryption is out of scope)"
-                .into()
-        }
-        HeaderProblem::Encrypted(method) => format!("Unsupported encryption method {method}"),
-        HeaderProblem::RefcountTableEmpty => {
-            "Image does not contain a reference count table".into()
-        }
-        HeaderProblem::SizeTooBig { size, cluster_size } => {
-            // QEMU rounds the size up to whole L2 ranges first (which can wrap), then refuses
-            // more than INT_MAX L1 entries; below that the L1 table is simply too small.
-            let l2_bits = cluster_size.trailing_zeros() * 2 - 3;
-            match size.checked_add((1u64 << l2_bits) - 1) {
-                None => "Could not refresh total sector count: File too large".into(),
-                Some(end) if end >> l2_bits > i32::MAX as u64 => "Image is too big".into(),
-                Some(_) => "L1 table is too small".into(),
-            }
-        }
-        other => other.to_string(),
-    }
-}
-
-fn snapshot_problem_text(problem: &SnapshotTableProblem) -> String {
-    match problem {
-        SnapshotTableProblem::TableTooLarge { .. } => "Snapshot table too large".into(),
-        other => format!("Failed to read snapshot table: {other}"),
-    }
+    format!("Could not open '{arg}': {}", error.qemu_text())
 }
 
 /// Opens a backing file (and its own chain) as `create` does, read-only, to learn its size.

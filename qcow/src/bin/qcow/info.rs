@@ -186,10 +186,12 @@ fn image_info(spec: &ImageSpec) -> Result<ImageInfo, Fail> {
             file_length,
         });
     }
-    // Read-only, and without opening the backing file: only its name is reported.
+    // Read-only, and without opening the backing file or the data file (qemu-img opens the
+    // image without I/O): only their names are reported.
     let options = OpenOptions {
         read_only: true,
         no_backing: true,
+        open_data_file: false,
         ..OpenOptions::default()
     };
     let mut image = Image::open(path, &options).map_err(could_not_open)?;
@@ -202,7 +204,6 @@ fn image_info(spec: &ImageSpec) -> Result<ImageInfo, Fail> {
             .display()
             .to_string()
     });
-    let data_file_raw = header.autoclear_features & lib::header::AUTOCLEAR_DATA_FILE_RAW != 0;
     Ok(ImageInfo {
         children,
         backing_filename_format: header.backing_format.clone(),
@@ -247,7 +248,8 @@ fn image_info(spec: &ImageSpec) -> Result<ImageInfo, Fail> {
                 }),
                 refcount_bits: header.refcount_bits(),
                 data_file: header.data_file.clone(),
-                data_file_raw: header.data_file.as_ref().map(|_| data_file_raw),
+                // qemu-img prints it for every image with the data file bit, named or not.
+                data_file_raw: header.has_data_file().then(|| header.data_file_raw()),
                 corrupt: v3
                     .then_some(header.incompatible_features & lib::header::INCOMPAT_CORRUPT != 0),
                 extended_l2: v3.then_some(header.extended_l2()),
@@ -408,6 +410,7 @@ fn backing_chain(spec: &ImageSpec) -> Result<Vec<ImageInfo>, Fail> {
             path: PathBuf::from(&full),
             format,
             no_backing: false,
+            data_file: None,
         };
         chain.push(image_info(&next)?);
     }

@@ -88,6 +88,7 @@ pub fn run(args: &[String]) -> Result<u8, Fail> {
             let options = OpenOptions {
                 read_only: true,
                 no_backing: spec.no_backing,
+                data_file: spec.data_file.clone(),
                 ..OpenOptions::default()
             };
             let mut image = Image::open(&spec.path, &options).map_err(could_not_open)?;
