@@ -1,12 +1,14 @@
 //! `amend`: changes the options of an existing qcow2 image — `qemu-img amend -o`: `compat`
 //! (upgrading to 1.1, or downgrading to 0.10 with its zero clusters written out), `refcount_bits`
-//! (a new refcount structure of the new width), `lazy_refcounts`, `size`, `backing_file` and
-//! `backing_fmt`.
+//! (a new refcount structure of the new width), `lazy_refcounts`, `size`, `backing_file`,
+//! `backing_fmt`, and the external data file's name (`data_file`) and raw bit (`data_file_raw`,
+//! which can only be cleared).
 
 use crate::check::rebuild_refcounts;
 use crate::error::{Error, Result};
 use crate::header::{
-    CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2, V3_HEADER_LEN,
+    CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_EXTL2,
+    V3_HEADER_LEN,
 };
 use crate::image::Image;
 use crate::l2::{Mapping, COPIED, OFFSET_MASK};
@@ -41,6 +43,12 @@ pub enum AmendError {
     },
     #[error("Invalid size '{0}'")]
     InvalidSize(String),
+    #[error("data-file can only be set for images that use an external data file")]
+    DataFileNotExternal,
+    #[error("data-file-raw cannot be set on existing images")]
+    DataFileRawOnExisting,
+    #[error("Cannot downgrade an image with a data file")]
+    DowngradeDataFile,
 }
 
 /// The requested changes (`None`: unchanged).
@@ -52,6 +60,10 @@ pub struct AmendOptions {
     pub size: Option<u64>,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// A new name for the external data file (`""` removes the name).
+    pub data_file: Option<String>,
+    /// `false` clears the raw data file bit (setting it is refused, as in QEMU).
+    pub data_file_raw: Option<bool>,
 }
 
 impl AmendOptions {
@@ -87,8 +99,16 @@ impl AmendOptions {
             }
             "backing_file" => self.backing_file = Some(value.to_string()),
             "backing_fmt" => self.backing_format = Some(value.to_string()),
+            "data_file" => self.data_file = Some(value.to_string()),
+            "data_file_raw" => {
+                self.data_file_raw = Some(match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(AmendError::ExpectsOnOff(key.to_string())),
+                })
+            }
             "cluster_size" | "preallocation" | "compression_type" | "extended_l2"
-            | "encryption" | "data_file" | "data_file_raw" | "nocow" | "extent_size_hint" => {
+            | "encryption" | "nocow" | "extent_size_hint" => {
                 return Err(AmendError::CreationOnly(key.to_string()))
             }
             other => return Err(AmendError::InvalidParameter(other.to_string())),
@@ -112,7 +132,16 @@ pub fn amend<S: Storage>(image: &mut Image<S>, options: &AmendOptions) -> Result
     if version < 3 && lazy {
         return Err(Error::Amend(AmendError::LazyNeedsV3));
     }
+    if options.data_file.is_some() && !image.header.has_data_file() {
+        return Err(Error::Amend(AmendError::DataFileNotExternal));
+    }
+    if options.data_file_raw == Some(true) && !image.header.data_file_raw() {
+        return Err(Error::Amend(AmendError::DataFileRawOnExisting));
+    }
     if version < old_version {
+        if image.header.has_data_file() {
+            return Err(Error::Amend(AmendError::DowngradeDataFile));
+        }
         if image.header.incompatible_features & INCOMPAT_EXTL2 != 0 {
             return Err(Error::Amend(AmendError::DowngradeExtendedL2));
         }
@@ -157,6 +186,15 @@ pub fn amend<S: Storage>(image: &mut Image<S>, options: &AmendOptions) -> Result
             .clone()
             .or_else(|| image.header.backing_format.clone());
         image.set_backing_file(name.as_deref(), format.as_deref())?;
+    }
+    if let Some(name) = &options.data_file {
+        // The image keeps using the data file it was opened with; the name is for later opens.
+        image.header.data_file = (!name.is_empty()).then(|| name.clone());
+        image.rewrite_header()?;
+    }
+    if options.data_file_raw == Some(false) && image.header.data_file_raw() {
+        image.header.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW;
+        image.rewrite_header()?;
     }
     if lazy != image.lazy_refcounts() {
         if lazy {

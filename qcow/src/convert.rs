@@ -80,6 +80,10 @@ pub fn convert(
             return Err(Error::Convert(ConvertError::BackingNotSupported("raw")))
         }
         Format::Raw => create_raw(target, size)?,
+        // QEMU creates the target and fails at its first write; refusing first leaves nothing.
+        Format::Qcow2 if options.compress && options.create.data_file.is_some() => {
+            return Err(Error::NotWithDataFile("compressed writes"))
+        }
         Format::Qcow2 => {
             let create = CreateOptions {
                 size,

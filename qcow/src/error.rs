@@ -135,7 +135,7 @@ pub enum Error {
     DataFileRawWithoutDataFile,
     #[error("the image was opened without its external data file (metadata only), so guest data cannot be read or written")]
     DataFileNotOpen,
-    #[error("{0} is not supported with an external data file")]
+    #[error("{0}: not supported with an external data file")]
     NotWithDataFile(&'static str),
     #[error("cannot open backing file {path}: {source}")]
     OpenBacking {

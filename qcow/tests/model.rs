@@ -1,7 +1,8 @@
 //! Model-based random test: thousands of random writes, zero-writes, discards, reads, flushes,
 //! reopens and internal snapshot creates/applies/deletes against an in-memory `Vec<u8>` model (one
 //! per snapshot too), over several cluster sizes, refcount widths, versions, backing files and
-//! extended L2 entries (subcluster writes). Every read must equal the model; at the end the library's own check
+//! extended L2 entries (subcluster writes), external data files (raw ones must equal the model
+//! byte for byte at the end). Every read must equal the model; at the end the library's own check
 //! must be clean, and (when qemu-img is installed) `qemu-img check` must be clean and
 //! `qemu-img compare` must find the image identical to a raw dump of the model.
 //!
@@ -40,6 +41,16 @@ struct Config {
     snapshots: bool,
     /// Extended L2 entries (32 subclusters per cluster).
     extended_l2: bool,
+    /// Guest data in an external data file (and whether it must stay a raw image of the disk).
+    data_file: DataFile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DataFile {
+    None,
+    External,
+    /// `data_file_raw`: at the end the data file itself must equal the model.
+    Raw,
 }
 
 fn have_qemu_img() -> bool {
@@ -94,6 +105,10 @@ fn prepare(
         refcount_bits: config.refcount_bits,
         version: config.version,
         extended_l2: config.extended_l2,
+        // An absolute name: QEMU opens a relative one from the working directory.
+        data_file: (config.data_file != DataFile::None)
+            .then(|| data_file_path(dir).to_str().unwrap().to_string()),
+        data_file_raw: config.data_file == DataFile::Raw,
         ..CreateOptions::default()
     };
     match config.base {
@@ -170,6 +185,11 @@ fn prepare(
     }
     qcow::create(&image, &options).unwrap();
     Some((image, model))
+}
+
+/// Where a data-file configuration keeps its guest data.
+fn data_file_path(dir: &Path) -> PathBuf {
+    dir.join("image.data")
 }
 
 /// The content the model gets for discarded whole clusters.
@@ -386,6 +406,16 @@ fn run_config(name: &str, config: Config, seed: u64, qemu: bool) {
             "{name} seed {seed}: qemu-img compare: {text}"
         );
     }
+    if config.data_file == DataFile::Raw {
+        // A raw data file is the disk: byte for byte the model, past its end only zeros.
+        let data = std::fs::read(data_file_path(&dir)).unwrap();
+        assert!(
+            data.len() >= model.len()
+                && data[..model.len()] == model[..]
+                && data[model.len()..].iter().all(|&b| b == 0),
+            "{name} seed {seed}: the raw data file is not the disk's raw image"
+        );
+    }
     if qemu {
         // Every snapshot taken during the run still holds its bytes, as qemu-img reads them.
         for (id, bytes) in &snapshots {
@@ -514,6 +544,7 @@ fn v3_64k_clusters_16bit_no_backing() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -533,6 +564,7 @@ fn v3_512b_clusters_64bit_refcounts_grow_the_refcount_table() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -552,6 +584,7 @@ fn v3_4k_clusters_4bit_qcow_backing() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -571,6 +604,7 @@ fn v3_2m_clusters_8bit_raw_backing() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -590,6 +624,7 @@ fn v2_8k_clusters_qcow_backing() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -609,6 +644,7 @@ fn v3_16k_clusters_1bit_refcounts() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -628,6 +664,7 @@ fn compressed_image_made_by_qemu_img() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -647,6 +684,7 @@ fn image_with_internal_snapshot_made_by_qemu_img() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -666,6 +704,7 @@ fn v3_1k_clusters_tiny_caches_qcow_backing() {
             tiny_cache: true,
             snapshots: false,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -685,6 +724,7 @@ fn v3_64k_clusters_with_snapshot_create_apply_delete() {
             tiny_cache: false,
             snapshots: true,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -704,6 +744,7 @@ fn v2_4k_clusters_tiny_caches_with_snapshots_over_a_backing_file() {
             tiny_cache: true,
             snapshots: true,
             extended_l2: false,
+            data_file: DataFile::None,
         },
     );
 }
@@ -723,6 +764,7 @@ fn extended_l2_64k_subcluster_writes_over_a_qcow_backing_file() {
             tiny_cache: false,
             snapshots: false,
             extended_l2: true,
+            data_file: DataFile::None,
         },
     );
 }
@@ -742,6 +784,67 @@ fn extended_l2_16k_tiny_caches_with_snapshots() {
             tiny_cache: true,
             snapshots: true,
             extended_l2: true,
+            data_file: DataFile::None,
+        },
+    );
+}
+
+#[test]
+fn data_file_64k_tiny_caches_over_a_qcow_backing_file() {
+    run(
+        "datafile-64k-tiny-qcow",
+        Config {
+            cluster_size: 65536,
+            refcount_bits: 16,
+            version: 3,
+            size: 4 * MIB,
+            base: BaseKind::Qcow,
+            base_size: 3 * MIB,
+            ops: 2000,
+            tiny_cache: true,
+            snapshots: false,
+            extended_l2: false,
+            data_file: DataFile::External,
+        },
+    );
+}
+
+#[test]
+fn raw_data_file_4k_clusters() {
+    run(
+        "rawdata-4k",
+        Config {
+            cluster_size: 4096,
+            refcount_bits: 16,
+            version: 3,
+            size: 2 * MIB,
+            base: BaseKind::None,
+            base_size: 0,
+            ops: 2000,
+            tiny_cache: false,
+            snapshots: false,
+            extended_l2: false,
+            data_file: DataFile::Raw,
+        },
+    );
+}
+
+#[test]
+fn raw_data_file_32k_extended_l2() {
+    run(
+        "rawdata-32k-extl2",
+        Config {
+            cluster_size: 32768,
+            refcount_bits: 16,
+            version: 3,
+            size: 3 * MIB,
+            base: BaseKind::None,
+            base_size: 0,
+            ops: 2000,
+            tiny_cache: true,
+            snapshots: false,
+            extended_l2: true,
+            data_file: DataFile::Raw,
         },
     );
 }

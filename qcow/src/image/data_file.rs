@@ -145,3 +145,278 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::create::{create_on, CreateOptions};
+    use crate::error::Corruption;
+    use crate::image::OpenOptions;
+    use crate::raw::MemStorage;
+
+    const CLUSTER: u64 = 4096;
+
+    fn options(raw: bool) -> CreateOptions {
+        CreateOptions {
+            size: 16 << 20,
+            cluster_size: CLUSTER,
+            data_file: Some("d.raw".into()),
+            data_file_raw: raw,
+            ..CreateOptions::default()
+        }
+    }
+
+    fn new_image(raw: bool) -> Image<MemStorage> {
+        let mut file = MemStorage::default();
+        create_on(&mut file, &options(raw)).unwrap();
+        let data = MemStorage {
+            data: vec![0; 16 << 20],
+        };
+        Image::open_storage_with_data(file, data, None, &OpenOptions::default()).unwrap()
+    }
+
+    fn data_bytes(image: &Image<MemStorage>) -> &[u8] {
+        &image.data.as_ref().unwrap().data
+    }
+
+    #[test]
+    fn clusters_live_at_their_guest_offset_without_refcounts() {
+        let mut image = new_image(false);
+        let metadata_len = image.file.data.len();
+        image.write_at(&[7u8; 8192], 3 * CLUSTER).unwrap();
+        image.write_at(&[9u8; 100], 10).unwrap();
+        image.flush().unwrap();
+        let data = data_bytes(&image);
+        assert!(data[3 * CLUSTER as usize..5 * CLUSTER as usize]
+            .iter()
+            .all(|&b| b == 7));
+        assert!(data[10..110].iter().all(|&b| b == 9));
+        // Only an L2 table joined the metadata; no data cluster was allocated in the image.
+        assert_eq!(
+            image.file.data.len() as u64,
+            (metadata_len as u64).div_ceil(CLUSTER) * CLUSTER + CLUSTER
+        );
+        assert_eq!(
+            image.mapping(3 * CLUSTER).unwrap(),
+            Mapping::Normal {
+                host: 3 * CLUSTER,
+                copied: true
+            }
+        );
+        // Offset 0 with OFLAG_COPIED is guest cluster 0 (not unallocated), also after a reopen.
+        let (file, data) = (image.file.clone(), image.data.clone().unwrap());
+        drop(image);
+        let mut image =
+            Image::open_storage_with_data(file, data, None, &OpenOptions::default()).unwrap();
+        assert_eq!(
+            image.mapping(0).unwrap(),
+            Mapping::Normal {
+                host: 0,
+                copied: true
+            }
+        );
+        let mut buf = [0u8; 120];
+        image.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[10..110], &[9u8; 100][..]);
+        assert_eq!(buf[0], 0);
+        let report = crate::check(&mut image, crate::Repair::None).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.allocated_clusters, 3);
+    }
+
+    #[test]
+    fn a_raw_data_file_follows_zeroing_and_discards() {
+        let mut image = new_image(true);
+        image.write_at(&[5u8; 4 * CLUSTER as usize], 0).unwrap();
+        image.write_zeroes_with(0, CLUSTER, false).unwrap();
+        image.write_zeroes_with(CLUSTER, CLUSTER, true).unwrap();
+        image.discard(2 * CLUSTER, CLUSTER).unwrap();
+        image.write_zeroes(3 * CLUSTER + 100, 50).unwrap();
+        image.flush().unwrap();
+        let data = data_bytes(&image);
+        assert!(data[..3 * CLUSTER as usize].iter().all(|&b| b == 0));
+        let last = &data[3 * CLUSTER as usize..4 * CLUSTER as usize];
+        assert!(last[..100].iter().all(|&b| b == 5));
+        assert!(last[100..150].iter().all(|&b| b == 0));
+        assert!(last[150..].iter().all(|&b| b == 5));
+        // Zeroing without unmap keeps the cluster mapped at its offset, as QEMU does.
+        assert_eq!(
+            image.mapping(0).unwrap(),
+            Mapping::ZeroPlain,
+            "offset 0 with the zero flag reads as a plain zero cluster"
+        );
+        assert_eq!(image.mapping(CLUSTER).unwrap(), Mapping::ZeroPlain);
+    }
+
+    #[test]
+    fn what_qemu_refuses_is_refused() {
+        let mut image = new_image(false);
+        image.write_at(&[1u8; 4096], CLUSTER).unwrap();
+        assert!(matches!(
+            image.write_compressed(0, &[0u8; 4096]),
+            Err(Error::NotWithDataFile(_))
+        ));
+        assert!(matches!(
+            image.create_snapshot(&crate::NewSnapshot::default()),
+            Err(Error::NotWithDataFile(_))
+        ));
+        // An L2 entry that maps guest cluster 1 anywhere but at its own offset.
+        let l2_offset = image.l1[0] & crate::l2::OFFSET_MASK;
+        image
+            .set_l2_entry(l2_offset, 1, 5 * CLUSTER | COPIED)
+            .unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(
+            image.read_at(&mut buf, CLUSTER),
+            Err(Error::Corrupt(Corruption::DataFileOffsetMismatch {
+                host: 20480,
+                guest: 4096
+            }))
+        ));
+        assert!(image.write_at(&buf, CLUSTER).is_err());
+        image
+            .set_l2_entry(l2_offset, 1, crate::l2::COMPRESSED | CLUSTER)
+            .unwrap();
+        assert!(matches!(
+            image.read_at(&mut buf, CLUSTER),
+            Err(Error::Corrupt(Corruption::CompressedWithDataFile { .. }))
+        ));
+    }
+
+    #[test]
+    fn opening_needs_the_data_file_unless_metadata_only() {
+        let mut file = MemStorage::default();
+        create_on(&mut file, &options(false)).unwrap();
+        let err = Image::open_storage(file.clone(), None, &OpenOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::OpenDataFile { .. }), "{err:?}");
+        let metadata_only = OpenOptions {
+            read_only: true,
+            open_data_file: false,
+            ..OpenOptions::default()
+        };
+        let mut image = Image::open_storage(file.clone(), None, &metadata_only).unwrap();
+        assert!(image.data_file_path().is_none());
+        assert_eq!(image.header().data_file.as_deref(), Some("d.raw"));
+        image.mapping(0).unwrap();
+        let mut plain = MemStorage::default();
+        create_on(&mut plain, &CreateOptions::default()).unwrap();
+        let err = Image::open_storage_with_data(
+            plain,
+            MemStorage::default(),
+            None,
+            &OpenOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::DataFileNotExternal), "{err:?}");
+    }
+
+    /// What happened to which file, in order.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Event {
+        Write { data_file: bool, offset: u64 },
+        Flush { data_file: bool },
+    }
+
+    /// A storage that logs its writes and flushes to a log shared with its sibling.
+    #[derive(Debug, Clone)]
+    struct Logged {
+        mem: MemStorage,
+        data_file: bool,
+        log: Arc<Mutex<Vec<Event>>>,
+    }
+
+    impl Storage for Logged {
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            let data_file = self.data_file;
+            self.log
+                .lock()
+                .unwrap()
+                .push(Event::Write { data_file, offset });
+            self.mem.write_at(buf, offset)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            let data_file = self.data_file;
+            self.log.lock().unwrap().push(Event::Flush { data_file });
+            Ok(())
+        }
+        fn len(&mut self) -> std::io::Result<u64> {
+            self.mem.len()
+        }
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            self.mem.set_len(len)
+        }
+    }
+
+    #[test]
+    fn data_is_durable_before_the_l2_entry_that_publishes_it() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut mem = MemStorage::default();
+        create_on(&mut mem, &options(false)).unwrap();
+        let file = Logged {
+            mem,
+            data_file: false,
+            log: log.clone(),
+        };
+        let data = Logged {
+            mem: MemStorage::default(),
+            data_file: true,
+            log: log.clone(),
+        };
+        // The smallest L2 cache (four tables): writes spread over six tables evict dirty ones,
+        // and the final flush writes the rest — both paths must flush the data file first.
+        let tiny = OpenOptions {
+            l2_cache_bytes: 0,
+            ..OpenOptions::default()
+        };
+        let mut image = Image::open_storage_with_data(file, data, None, &tiny).unwrap();
+        let table_span = CLUSTER * (CLUSTER / 8);
+        log.lock().unwrap().clear();
+        for step in 0..18 {
+            let guest = (step % 6) * table_span + step * CLUSTER;
+            image.write_at(&[step as u8 + 1; 512], guest).unwrap();
+        }
+        image.flush().unwrap();
+        let events = log.lock().unwrap().clone();
+        let table_of =
+            |guest: u64| image.l1[(guest / table_span) as usize] & crate::l2::OFFSET_MASK;
+        let mut checked = 0;
+        for (at, event) in events.iter().enumerate() {
+            let Event::Write {
+                data_file: false,
+                offset: table,
+            } = *event
+            else {
+                continue;
+            };
+            // Every data write this table publishes that happened before the table write must
+            // have been followed by a data file flush before it.
+            for (before, earlier) in events[..at].iter().enumerate() {
+                let Event::Write {
+                    data_file: true,
+                    offset: guest,
+                } = *earlier
+                else {
+                    continue;
+                };
+                if table_of(guest) != table {
+                    continue;
+                }
+                checked += 1;
+                assert!(
+                    events[before..at].contains(&Event::Flush { data_file: true }),
+                    "L2 table {table:#x} written before the data at {guest:#x} was flushed: \
+                     {events:?}"
+                );
+            }
+        }
+        assert!(
+            checked >= 18,
+            "only {checked} publications seen: {events:?}"
+        );
+    }
+}

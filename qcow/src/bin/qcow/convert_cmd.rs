@@ -97,7 +97,7 @@ pub fn convert_cmd(args: &ConvertArgs) -> Result<u8> {
             );
             Ok(INTERRUPTED_EXIT)
         }
-        Err(e @ Error::Convert(_)) => Err(e.into()),
+        Err(e @ (Error::Convert(_) | Error::NotWithDataFile(_))) => Err(e.into()),
         Err(e) => {
             remove_partial(&args.target);
             Err(anyhow!(

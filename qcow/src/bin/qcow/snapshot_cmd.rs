@@ -84,7 +84,9 @@ pub fn snapshot(action: Action, format: Option<&str>, file: &Path) -> Result<u8>
             image
                 .create_snapshot(&new)
                 .and_then(|_| image.close())
-                .map_err(|e| anyhow::anyhow!("Could not create snapshot '{name}': {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("Could not create snapshot '{name}': {}", e.qemu_text())
+                })?;
             Ok(0)
         }
         Action::Apply(name) => {
