@@ -346,13 +346,6 @@ fn open_failures(base: &Base) -> Vec<(&'static str, Vec<u8>, Vec<&'static str>, 
             true,
         ),
         (
-            "external-data-file-bit",
-            patched(&[(field::INCOMPATIBLE, 8, 1 << 2)]),
-            vec!["Unsupported qcow2 feature(s)", "external data file"],
-            // qemu-img info opens it without touching the (absent) data file.
-            false,
-        ),
-        (
             "version-4",
             patched(&[(field::VERSION, 4, 4)]),
             vec!["version 4"],

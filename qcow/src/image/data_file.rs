@@ -265,7 +265,7 @@ mod tests {
         // An L2 entry that maps guest cluster 1 anywhere but at its own offset.
         let l2_offset = image.l1[0] & crate::l2::OFFSET_MASK;
         image
-            .set_l2_entry(l2_offset, 1, 5 * CLUSTER | COPIED)
+            .set_l2_entry(l2_offset, 1, (5 * CLUSTER) | COPIED)
             .unwrap();
         let mut buf = [0u8; 16];
         assert!(matches!(

@@ -96,27 +96,29 @@ impl<S: Storage> Image<S> {
             }
             guest = next;
         }
-        let mut l1 = self.l1.clone();
+        // Like QEMU, the L1 table keeps its place and size: the entries past the new end are
+        // cleared in place.
         let mut dropped_tables = Vec::new();
-        for entry in l1.iter_mut().skip(needed) {
-            if *entry & OFFSET_MASK != 0 {
-                dropped_tables.push(*entry & OFFSET_MASK);
+        for index in needed..self.l1.len() {
+            let entry = self.l1[index];
+            if entry & OFFSET_MASK != 0 {
+                dropped_tables.push(entry & OFFSET_MASK);
+                self.set_l1(index, 0);
             }
-            *entry = 0;
         }
-        // Ordering: the emptied L2 tables are written, then the header shrinks and the L1 table
-        // without them is in place, and only then are their clusters freed.
+        // Ordering: the emptied L2 tables and the cleared L1 entries are written before the
+        // tables' clusters are freed (the next flush), and the header shrinks last.
         self.flush()?;
-        self.drop_caches();
-        self.replace_l1(l1, new_size)?;
         for table in dropped_tables {
+            self.l2_cache.remove(table);
             self.pending_frees.push((table, cluster_size));
         }
         self.flush()?;
+        self.truncate_unused()?;
+        self.write_size(new_size)?;
         // Like QEMU, the data file is cut to the new size exactly.
         self.resize_data_file(new_size)?;
-        self.flush()?;
-        self.truncate_unused()
+        self.flush()
     }
 
     /// Writes the virtual size field alone.
