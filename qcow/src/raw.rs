@@ -37,15 +37,24 @@ pub trait Storage: Send {
     /// Makes `[offset, offset + len)` read as zeros, keeping it allocated. The default writes
     /// zeros.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zero_buffers(self, offset, len)
     }
+}
+
+/// Writes zeros over `[offset, offset + len)` from a page-aligned buffer of at most 1 MiB.
+fn write_zero_buffers<S: Storage + ?Sized>(
+    storage: &mut S,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let zeros = AlignedBuf::new(len.min(1 << 20) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        storage.write_at(&zeros.as_slice()[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A [`Storage`] over a regular file. `sync` makes `flush` call `fdatasync` (the default); without it
@@ -251,14 +260,7 @@ impl Storage for FileStorage {
         {
             return Ok(());
         }
-        let zeros = AlignedBuf::new(len.min(1 << 20) as usize);
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros.as_slice()[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zero_buffers(self, offset, len)
     }
 
     fn extent_at(&mut self, offset: u64, len: u64) -> io::Result<(bool, u64)> {

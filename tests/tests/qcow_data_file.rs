@@ -387,19 +387,17 @@ fn compressed_output_is_refused_before_anything_is_written() {
     let d = dir.path();
     qemu_img_in(d, &["create", "-q", "-f", "qcow2", "src.q", "1M"]);
     qemu_io_in(d, "qcow2", "src.q", &["write -P 1 0 64k"]);
-    let out = qcow(
-        d,
-        &[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "data_file=c.raw",
-            "src.q",
-            "c.q",
-        ],
-    );
+    let convert = [
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "data_file=c.raw",
+        "src.q",
+        "c.q",
+    ];
+    let out = qcow(d, &convert);
     assert_eq!(out.code, Some(1), "{}", out.describe());
     assert_eq!(
         out.stderr,
@@ -407,19 +405,7 @@ fn compressed_output_is_refused_before_anything_is_written() {
     );
     assert!(!d.join("c.q").exists() && !d.join("c.raw").exists());
     // qemu-img refuses too (at its first write, after creating the files).
-    let qemu = qemu_img(
-        d,
-        &[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "data_file=c.raw",
-            "src.q",
-            "c.q",
-        ],
-    );
+    let qemu = qemu_img(d, &convert);
     assert!(
         !qemu.success() && qemu.stderr.contains("Operation not supported"),
         "{}",
