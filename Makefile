@@ -22,6 +22,7 @@ bench:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p cowvm-tests --bin bench_vmm
 	$(CARGO) run --release -p cowvm-tests --bin bench_snapshot
+	$(CARGO) run --release -p cowvm-tests --bin bench_live
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow
 	$(CARGO) run --release -p cowvm-tests --bin bench_qcow_ops
 	$(CARGO) run --release -p cowvm-tests --bin bench_clone

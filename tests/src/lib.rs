@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 pub mod bench_util;
+pub mod bench_vm;
+pub mod diff_oracle;
 pub mod disk_harness;
 pub mod dropin;
 pub mod qcow_harness;

@@ -3,13 +3,12 @@
 //! hold exactly the pages the workload predicts; bad snapshots and misuse give named errors.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cowvm_guest_abi::layout;
-use cowvm_guest_abi::workload::{page_written_at_step, vcpu_slice};
 use cowvm_guest_abi::WorkloadArgs;
+use cowvm_tests::diff_oracle::{assert_diff_is_exact, stored_pages};
 use cowvm_tests::vmm_harness::{
     assert_error, cowvm, expected_done, kvm_usable, last_line, restore_done, stderr, stdout,
     RunningVm,
@@ -161,40 +160,6 @@ fn allocated_pages(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512 / 4096
 }
 
-/// The page runs a diff stores, read from its `state` file (20-byte header, JSON, CRC32).
-fn stored_pages(diff: &Path) -> Vec<u64> {
-    let bytes = std::fs::read(diff.join("state")).unwrap();
-    let state: serde_json::Value = serde_json::from_slice(&bytes[20..bytes.len() - 4]).unwrap();
-    let mut pages = Vec::new();
-    for run in state["memory"]["runs"].as_array().unwrap() {
-        let (first, count) = (run[0].as_u64().unwrap(), run[1].as_u64().unwrap());
-        pages.extend(first..first + count);
-    }
-    pages
-}
-
-/// Reads a little-endian u64 at `offset` of a snapshot's memory file.
-fn read_u64(memory: &Path, offset: u64) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let mut bytes = [0u8; 8];
-    std::fs::File::open(memory)
-        .unwrap()
-        .read_exact_at(&mut bytes, offset)
-        .unwrap();
-    u64::from_le_bytes(bytes)
-}
-
-/// Pages outside the workload that the guest (or its MMU, setting accessed/dirty bits) writes.
-fn is_guest_scratch(page: u64) -> bool {
-    let addr = page * layout::PAGE_SIZE;
-    let stacks = layout::STACKS_START..layout::STACKS_END;
-    let tables = layout::PAGE_TABLES_ADDR..layout::PAGE_TABLES_END;
-    stacks.contains(&addr)
-        || tables.contains(&addr)
-        || addr == layout::BOOT_INFO_ADDR
-        || addr == layout::PROGRESS_ADDR
-}
-
 /// A diff taken a moment after a full snapshot (1 vCPU, `write` percent): the workload pages it
 /// stores must be exactly those the workload wrote between the two snapshots, as the oracle
 /// computes from the guest's progress counter in each snapshot. The one page each snapshot may
@@ -246,47 +211,7 @@ fn diff_matches_the_oracle(write: u32) -> (usize, usize) {
         "the progress counter moved: {stored:?}"
     );
 
-    let before = read_u64(&full.join("memory"), layout::progress_addr(0));
-    let after = read_u64(&diff.join("memory"), layout::progress_addr(0));
-    assert!(
-        after > before,
-        "the guest ran between the snapshots ({before} → {after})"
-    );
-    let slice = vcpu_slice(pages, 0, 1);
-    let first = layout::WORKLOAD_ADDR / layout::PAGE_SIZE;
-    let written = |steps: std::ops::Range<u64>| -> BTreeSet<u64> {
-        steps
-            .filter_map(|step| page_written_at_step(&workload, slice, step, 0))
-            .map(|page| first + page)
-            .collect()
-    };
-    // Step `before` was under way when the full snapshot was taken, step `after` when the diff was.
-    let certain = written(before + 1..after);
-    let maybe: BTreeSet<u64> = written(before..before + 1)
-        .union(&written(after..after + 1))
-        .copied()
-        .collect();
-    let (in_workload, other): (BTreeSet<u64>, BTreeSet<u64>) = stored
-        .iter()
-        .partition(|&&p| p >= first && p < first + pages);
-    let missing: Vec<_> = certain.difference(&in_workload).collect();
-    assert!(
-        missing.is_empty(),
-        "written pages missing from the diff: {missing:?}"
-    );
-    let extra: Vec<_> = in_workload
-        .difference(&certain)
-        .filter(|p| !maybe.contains(p))
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "pages in the diff the workload did not write: {extra:?}"
-    );
-    assert!(
-        other.iter().all(|&p| is_guest_scratch(p)),
-        "unexpected pages: {other:?}"
-    );
-    (certain.len(), in_workload.len())
+    assert_diff_is_exact(&workload, &full, &diff)
 }
 
 #[test]

@@ -401,6 +401,71 @@ pub fn spawn_writer(events: &Sender<VmEvent>, job: WriterJob<'_>) -> Result<i32,
     })
 }
 
+/// The steps of a live snapshot's or fork's pause, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Every vCPU acknowledged the pause.
+    Stop,
+    /// Dirty bitmap (live snapshot) and vCPU, VM and device state captured.
+    Capture,
+    /// `fork()` returned (all children's, for a fork request).
+    Fork,
+    /// Every vCPU acknowledged the resume.
+    Resume,
+}
+
+/// How long each step of a pause took: the guest-visible pause is from the pause request to the
+/// last vCPU's acknowledgement of the resume.
+#[derive(Clone, Debug)]
+pub struct PausePhases {
+    started: Instant,
+    marks: Vec<(Phase, Instant)>,
+}
+
+impl PausePhases {
+    pub fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            marks: Vec::with_capacity(4),
+        }
+    }
+
+    /// `phase` ended now.
+    pub fn mark(&mut self, phase: Phase) {
+        self.marks.push((phase, Instant::now()));
+    }
+
+    /// Start to the last mark.
+    pub fn total(&self) -> Duration {
+        self.marks
+            .last()
+            .map_or(Duration::ZERO, |(_, at)| at.duration_since(self.started))
+    }
+
+    /// How long `phase` took (zero if it was not reached).
+    pub fn of(&self, phase: Phase) -> Duration {
+        let mut previous = self.started;
+        for &(marked, at) in &self.marks {
+            if marked == phase {
+                return at.duration_since(previous);
+            }
+            previous = at;
+        }
+        Duration::ZERO
+    }
+
+    /// `{"stop": µs, "capture": µs, "fork": µs, "resume": µs}`.
+    pub fn to_json(&self) -> Value {
+        let us = |phase| self.of(phase).as_micros() as u64;
+        json!({
+            "stop": us(Phase::Stop),
+            "capture": us(Phase::Capture),
+            "fork": us(Phase::Fork),
+            "resume": us(Phase::Resume),
+        })
+    }
+}
+
 /// A live snapshot being written by a child process.
 #[derive(Debug)]
 pub struct LiveWriter {
@@ -414,8 +479,7 @@ pub struct LiveWriter {
     pub dirty: Vec<u64>,
     pub reply: Sender<Value>,
     pub started: Instant,
-    pub paused: Duration,
-    pub fork_time: Duration,
+    pub phases: PausePhases,
     pub report: Option<Value>,
 }
 
@@ -552,7 +616,7 @@ struct PendingFork {
     /// Pids still to report, and each child's outcome so far.
     waiting: Vec<i32>,
     failures: Vec<String>,
-    paused: Duration,
+    phases: PausePhases,
     fork_times: Vec<Duration>,
     progress: Vec<u64>,
     pids: Vec<i32>,
@@ -638,7 +702,7 @@ impl LiveOps {
         reply: Sender<Value>,
         forked: Vec<(i32, ChildPlan)>,
         failure: Option<String>,
-        paused: Duration,
+        phases: PausePhases,
         fork_times: Vec<Duration>,
         progress: Vec<u64>,
     ) {
@@ -654,7 +718,7 @@ impl LiveOps {
             reply,
             waiting: pids.clone(),
             failures: failure.into_iter().collect(),
-            paused,
+            phases,
             fork_times,
             progress,
             pids,
@@ -738,7 +802,8 @@ impl LiveOps {
             json!({
                 "ok": true,
                 "children": children,
-                "paused_us": us(fork.paused),
+                "paused_us": us(fork.phases.total()),
+                "pause_phases_us": fork.phases.to_json(),
                 "fork_us": fork.fork_times.iter().map(|&d| us(d)).collect::<Vec<_>>(),
                 "guest_progress": fork.progress,
             })
@@ -776,8 +841,9 @@ impl LiveOps {
                 "id": writer.id,
                 "kind": writer.kind,
                 "pages_stored": report["pages_stored"],
-                "paused_us": us(writer.paused),
-                "fork_us": us(writer.fork_time),
+                "paused_us": us(writer.phases.total()),
+                "pause_phases_us": writer.phases.to_json(),
+                "fork_us": us(writer.phases.of(Phase::Fork)),
                 "write_us": report["write_us"],
                 "cow_bytes": report["cow_bytes"],
                 "total_us": us(writer.started.elapsed()),
@@ -899,6 +965,27 @@ Private_Dirty:         8 kB
         ];
         assert_eq!(sum_private_dirty(smaps, &ram), (256 + 8) * 1024);
         assert_eq!(sum_private_dirty(smaps, &[]), 0);
+    }
+
+    #[test]
+    fn pause_phases_add_up() {
+        let mut phases = PausePhases::start();
+        for phase in [Phase::Stop, Phase::Capture, Phase::Fork, Phase::Resume] {
+            std::thread::sleep(Duration::from_millis(2));
+            phases.mark(phase);
+        }
+        let json = phases.to_json();
+        let sum: u64 = ["stop", "capture", "fork", "resume"]
+            .iter()
+            .map(|key| json[key].as_u64().unwrap())
+            .sum();
+        // Each phase is truncated to whole microseconds on its own.
+        assert!(
+            sum.abs_diff(phases.total().as_micros() as u64) < 4,
+            "{json}"
+        );
+        assert!(phases.of(Phase::Fork) >= Duration::from_millis(2));
+        assert_eq!(PausePhases::start().total(), Duration::ZERO);
     }
 
     #[test]

@@ -18,7 +18,9 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
 use crate::disk::freeze::{OverlayPlace, PendingOverlays, Prepared};
 use crate::disk::AttachedDisk;
-use crate::fork::{self, ChildEvent, ForkError, LiveOps, LiveWriter, WriterJob};
+use crate::fork::{
+    self, ChildEvent, ForkError, LiveOps, LiveWriter, PausePhases, Phase, WriterJob,
+};
 use crate::snapshot::disks::DiskState;
 use crate::snapshot::persist::Persist;
 use crate::snapshot::staging::StagingDir;
@@ -280,8 +282,9 @@ impl Machine {
             self.pause()?;
         }
         let captured = self.capture(staging, kind, &snapshot_dir, overlays);
-        let paused = pause_started.elapsed();
         let resumed = if was_running { self.resume() } else { Ok(()) };
+        // The guest-visible pause ends when every vCPU has acknowledged the resume.
+        let paused = pause_started.elapsed();
         // Ordering: the snapshot's contents were fixed while the guest was paused (they sit in
         // the page cache); checksums, fsyncs and the rename that publishes the directory need no
         // pause.
@@ -398,18 +401,19 @@ impl Machine {
             mut overlays,
         } = self.start_snapshot(dir, kind)?;
         // The guest is paused from here: what came before (staging, new overlays) ran beside it.
-        let pause_started = Instant::now();
+        let mut phases = PausePhases::start();
         let was_running = !self.paused;
         if was_running {
             self.pause()?;
         }
-        let mut fork_time = Duration::ZERO;
+        phases.mark(Phase::Stop);
         let spawned = self.capture_state(kind).and_then(|(dirty, mut state)| {
             // Ordering: the disks are frozen at this pause, and the writer child records them.
             match self.freeze_disks_now(Some(&snapshot_dir), &mut overlays) {
                 Ok(disks) => state.disks = disks,
                 Err(e) => return Err((dirty, e)),
             }
+            phases.mark(Phase::Capture);
             let id = state.id.clone().unwrap_or_default();
             let job = WriterJob {
                 staging: &staging,
@@ -418,15 +422,13 @@ impl Machine {
                 diff: (kind == SnapshotKind::Diff).then_some(dirty.as_slice()),
                 mapped: self.mapped.as_ref(),
             };
-            let forked_at = Instant::now();
             let pid = fork::spawn_writer(&self.events_tx, job);
-            fork_time = forked_at.elapsed();
+            phases.mark(Phase::Fork);
             match pid {
                 Ok(pid) => Ok((dirty, id, pid)),
                 Err(e) => Err((dirty, e.into())),
             }
         });
-        let paused = pause_started.elapsed();
         // Ordering: the child has its frozen view of RAM once fork() returned; the guest may
         // run again now.
         if was_running {
@@ -434,6 +436,7 @@ impl Machine {
                 tracing::warn!("resuming after a live snapshot's fork: {e}");
             }
         }
+        phases.mark(Phase::Resume);
         match spawned {
             Ok((dirty, id, pid)) => {
                 self.live.start_writer(LiveWriter {
@@ -444,8 +447,7 @@ impl Machine {
                     dirty,
                     reply: reply.clone(),
                     started,
-                    paused,
-                    fork_time,
+                    phases,
                     report: None,
                 });
                 Ok(())
@@ -474,11 +476,12 @@ impl Machine {
         };
         let mut overlays = PendingOverlays::create(&self.disks, &place)?;
         // The guest is paused from here: the new overlays were made beside it.
-        let pause_started = Instant::now();
+        let mut phases = PausePhases::start();
         let was_running = !self.paused;
         if was_running {
             self.pause()?;
         }
+        phases.mark(Phase::Stop);
         let mut forked = Vec::with_capacity(plans.len());
         let mut fork_times = Vec::with_capacity(plans.len());
         let mut failure = None;
@@ -488,6 +491,7 @@ impl Machine {
             state.disks = self.freeze_disks_now(None, &mut overlays)?;
             Ok((state, self.guest_progress()?))
         });
+        phases.mark(Phase::Capture);
         match &captured {
             Ok((state, _)) => {
                 let from = fork::Captured {
@@ -510,15 +514,16 @@ impl Machine {
             }
             Err(e) => failure = Some(e.to_string()),
         }
-        let paused = pause_started.elapsed();
+        phases.mark(Phase::Fork);
         if was_running {
             if let Err(e) = self.resume() {
                 tracing::warn!("resuming after a fork: {e}");
             }
         }
+        phases.mark(Phase::Resume);
         let progress = captured.map(|(_, progress)| progress).unwrap_or_default();
         self.live
-            .start_fork(reply.clone(), forked, failure, paused, fork_times, progress);
+            .start_fork(reply.clone(), forked, failure, phases, fork_times, progress);
         Ok(())
     }
 

@@ -24,19 +24,19 @@
 //! on error.
 
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write as _};
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cowvm_guest_abi::layout::{max_workload_pages, PAGE_SIZE, WORKLOAD_ADDR};
-use cowvm_tests::bench_util::timing_field;
 use cowvm_tests::bench_util::{
-    command_line, cowvm_binary, env_count, load_average, median, ms, KillOnDrop, Row, ScratchDir,
+    command_line, cowvm_binary, env_count, load_average, median, ms, timing_field, KillOnDrop, Row,
+    ScratchDir,
+};
+use cowvm_tests::bench_vm::{
+    allocated_bytes, api, for_each_size, path_str, require_kvm, sizes_from_env, start_filled,
+    FilledVm,
 };
 use cowvm_tests::report::{BenchReport, Plot, PlotKind, Series};
 use serde_json::{json, Value};
@@ -45,8 +45,6 @@ const DEFAULT_SIZES: &str = "256M,1G,4G";
 /// A guess at the guest's page-write rate on one vCPU (bench_vmm measures ~290 000/s); only used
 /// to size the calibration diff.
 const GUESSED_RATE: f64 = 290_000.0;
-/// Rounds for the workload: far more than the bench lasts; the VM is killed at the end.
-const ROUNDS: u64 = 1_000_000_000;
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// What one snapshot cost and holds.
@@ -161,40 +159,19 @@ struct Knobs {
 
 fn main() -> Result<()> {
     let cowvm = cowvm_binary()?;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .context("/dev/kvm is not usable: the snapshot benchmark needs KVM")?;
+    require_kvm("snapshot")?;
     let knobs = Knobs {
         diff_runs: env_count("BENCH_DIFF_RUNS", 3)?,
         restore_runs: env_count("BENCH_RESTORE_RUNS", 5)?,
     };
-    let sizes_text =
-        std::env::var("BENCH_SNAPSHOT_SIZES").unwrap_or_else(|_| DEFAULT_SIZES.to_string());
-    let sizes = sizes_text
-        .split(',')
-        .map(|s| parse_size(s.trim()).map(|bytes| (s.trim().to_string(), bytes)))
-        .collect::<Result<Vec<_>>>()?;
-    ensure!(!sizes.is_empty(), "BENCH_SNAPSHOT_SIZES is empty");
-    let base = std::env::var_os("BENCH_SCRATCH").map_or_else(std::env::temp_dir, PathBuf::from);
-    let scratch = ScratchDir(base.join(format!("cowvm-bench-snapshot-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0)
-        .with_context(|| format!("create {}", scratch.0.display()))?;
+    let sizes = sizes_from_env("BENCH_SNAPSHOT_SIZES", DEFAULT_SIZES)?;
+    let scratch = ScratchDir::create("cowvm-bench-snapshot")?;
     let load_before = load_average();
     let started = Instant::now();
 
-    let mut results = Vec::new();
-    for (label, mem) in &sizes {
-        let dir = scratch.0.join(label);
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let result = bench_size(&cowvm, &dir, label, *mem, knobs)
-            .with_context(|| format!("guest RAM {label}"))?;
-        // Several GB per size: free the disk before the next one.
-        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
-        eprintln!("[{:6.1} s] {label}: done", started.elapsed().as_secs_f64());
-        results.push(result);
-    }
+    let results = for_each_size(&scratch, &sizes, |dir, label, mem| {
+        bench_size(&cowvm, dir, label, mem, knobs)
+    })?;
 
     let rows = table_rows(&results);
     let checks = checks(&results);
@@ -246,61 +223,13 @@ fn main() -> Result<()> {
 }
 
 fn bench_size(cowvm: &Path, dir: &Path, label: &str, mem: u64, knobs: Knobs) -> Result<SizeResult> {
-    let pages = max_workload_pages(mem);
-    ensure!(pages > 0, "{label} holds no workload page");
-    let socket = dir.join("api.sock");
-    let args = format!("pages={pages} rounds={ROUNDS} seed=1 write=100");
-    let mem_arg = mem.to_string();
-    let serial = dir.join("serial.txt");
-    let run_argv = [
-        "run",
-        "--mem",
-        mem_arg.as_str(),
-        "--vcpus",
-        "1",
-        "--args",
-        args.as_str(),
-        "--api-socket",
-        path_str(&socket)?,
-        "--serial",
-        path_str(&serial)?,
-    ];
-    let run_command = command_line(cowvm, &run_argv);
-    let log = dir.join("cowvm-run.stderr");
-    let vm = KillOnDrop(
-        Command::new(cowvm)
-            .args(run_argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).with_context(|| format!("create {}", log.display()))?)
-            .spawn()
-            .with_context(|| format!("spawn {run_command}"))?,
-    );
-    let spawned = Instant::now();
-    let mut vm = vm;
-    wait_for_socket(&mut vm, &socket, &log)?;
-
-    // Wait until the guest has touched all its pages: its RSS covers the workload.
-    let want_rss = pages * PAGE_SIZE + WORKLOAD_ADDR / 2;
-    let pid = vm.0.id();
-    loop {
-        let rss = rss_bytes(pid)?;
-        if rss >= want_rss {
-            break;
-        }
-        if let Some(status) = vm.0.try_wait()? {
-            bail!("{run_command} exited ({status}): {}", read_log(&log));
-        }
-        ensure!(
-            spawned.elapsed() < Duration::from_secs(180),
-            "guest touched only {} of {want_rss} bytes in 180 s",
-            rss
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // RSS also counts the VMM itself: give the guest a margin to finish the round.
-    std::thread::sleep(Duration::from_millis(100));
-    let fill_time = spawned.elapsed();
+    let FilledVm {
+        process: vm,
+        socket,
+        run_command,
+        pages,
+        fill_time,
+    } = start_filled(cowvm, dir, mem).with_context(|| format!("{label}: start the guest"))?;
 
     // Full snapshot through the CLI.
     let full_dir = dir.join("full");
@@ -630,68 +559,6 @@ fn parse_create_line(stdout: &str) -> Option<(u64, f64, f64)> {
     ))
 }
 
-/// One request on the control socket, as `cowvm` sends it: a JSON line, a JSON line back.
-fn api(socket: &Path, request: &Value) -> Result<Value> {
-    let mut stream =
-        UnixStream::connect(socket).with_context(|| format!("connect to {}", socket.display()))?;
-    writeln!(stream, "{request}").context("send request")?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .context("read reply")?;
-    let reply: Value =
-        serde_json::from_str(&line).with_context(|| format!("reply is not JSON: {line:?}"))?;
-    ensure!(
-        reply["ok"] == Value::Bool(true),
-        "{request} was refused: {reply}"
-    );
-    Ok(reply)
-}
-
-fn wait_for_socket(vm: &mut KillOnDrop, socket: &Path, log: &Path) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        if socket.exists() && UnixStream::connect(socket).is_ok() {
-            return Ok(());
-        }
-        if let Some(status) = vm.0.try_wait()? {
-            bail!(
-                "cowvm run exited ({status}) before serving its socket: {}",
-                read_log(log)
-            );
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "{} did not appear within 30 s",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn read_log(log: &Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
-}
-
-fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no VmRSS in /proc/PID/status")?;
-    Ok(kib * 1024)
-}
-
-fn allocated_bytes(path: &Path) -> Result<u64> {
-    Ok(std::fs::metadata(path)
-        .with_context(|| format!("stat {}", path.display()))?
-        .blocks()
-        * 512)
-}
-
 fn table_rows(results: &[SizeResult]) -> Vec<Row> {
     let mut rows = Vec::new();
     for r in results {
@@ -900,14 +767,4 @@ fn plots(results: &[SizeResult]) -> Vec<Plot> {
             series("~10 % diff: guest paused", &|r| diff_pause(&r.diff10)),
         ],
     }]
-}
-
-fn path_str(path: &Path) -> Result<&str> {
-    path.to_str()
-        .with_context(|| format!("{} is not UTF-8", path.display()))
-}
-
-/// Bytes, or with a K/M/G suffix (powers of 1024).
-fn parse_size(text: &str) -> Result<u64> {
-    qcow::parse_size(text).map_err(|e| anyhow::anyhow!("BENCH_SNAPSHOT_SIZES: {e}"))
 }
