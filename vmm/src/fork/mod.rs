@@ -28,9 +28,10 @@
 //!   and by vCPU threads only inside device accesses or on failures (none is running). A snapshot
 //!   writer child writes nothing to stderr: it reports over a pipe. A forked VM child logs like
 //!   any VMM once it runs.
-//! - **The serial device's mutex.** Held by a vCPU only during a port access; the state is
-//!   captured under it before the fork, and a forked VM child builds a new device from that state
-//!   instead of touching the parent's.
+//! - **Device mutexes** (the serial UART, virtio-blk). Held by a vCPU only during a device
+//!   access; the state is captured under them before the fork, and a forked VM child builds new
+//!   devices from that state (its disks on its own overlays over the frozen images, opened by
+//!   path) instead of touching the parent's. No device has a thread of its own.
 //! - **Channels.** The parent's vCPU and event channels lead to threads that do not exist in the
 //!   child; the child never uses them (a forked VM gets new ones).
 //! - **The parent's objects.** The child never drops the parent's `Machine` (that would signal and
