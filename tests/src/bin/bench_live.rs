@@ -2,8 +2,9 @@
 //! snapshot, side by side in one run, for 256 MiB, 1 GiB and 4 GiB guests writing continuously;
 //! the total time of each snapshot kind; the copy-on-write bytes a live snapshot cost against
 //! what the guest wrote meanwhile; and `cp --sparse=always` (and `cp` + `sync`) of the
-//! stop-and-copy snapshot's own memory file as the peer. Prints a table and writes it as
-//! markdown to `bench-report/live.md`.
+//! stop-and-copy snapshot's own memory file as the peer. Prints a table and saves the run
+//! (`target/bench/bench_live.md`, `.json`, plots of the pauses and of the copy-on-write bytes
+//! against RAM size).
 //!
 //! Run: `cargo run --release -p cowvm-tests --bin bench_live` (needs `cowvm` built next to it:
 //! `cargo build --release -p vmm -p cowvm-tests`). Knobs: `BENCH_LIVE_SIZES` (default
@@ -30,13 +31,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cowvm_tests::bench_util::{
-    command_line, cowvm_binary, env_count, load_average, markdown, median, ms, print_table,
-    write_report, Row, ScratchDir,
+    command_line, cowvm_binary, env_count, load_average, median, ms, Row, ScratchDir,
 };
 use cowvm_tests::bench_vm::{
     allocated_bytes, api, for_each_size, guest_steps, path_str, require_kvm, sizes_from_env,
     start_filled, start_vm,
 };
+use cowvm_tests::report::{BenchReport, Plot, PlotKind, Series};
 use serde_json::{json, Value};
 
 const DEFAULT_SIZES: &str = "256M,1G,4G";
@@ -139,15 +140,16 @@ fn main() -> Result<()> {
             r.small_run_command,
         );
     }
-    print_table(&rows, &checks, &context);
-    let report = markdown(
-        "cowvm live snapshots and forks against stop-and-copy",
-        "bench_live",
-        &rows,
-        &checks,
-        &context,
-    );
-    write_report("live.md", &report)?;
+    BenchReport {
+        name: "bench_live".into(),
+        title: "cowvm live snapshots and forks against stop-and-copy".into(),
+        command: "cargo run --release -p cowvm-tests --bin bench_live".into(),
+        context,
+        rows,
+        checks,
+        plots: plots(&results),
+    }
+    .save()?;
     drop(scratch);
     Ok(())
 }
@@ -517,4 +519,48 @@ fn checks(results: &[SizeResult]) -> Vec<(String, String)> {
         }
     }
     checks
+}
+
+/// By RAM size: the guest-visible pause of each kind of snapshot and of a fork against `cp` of
+/// the same data, and the copy-on-write bytes against what the guest wrote meanwhile.
+fn plots(results: &[SizeResult]) -> Vec<Plot> {
+    let gib = |r: &SizeResult| r.mem as f64 / f64::from(1 << 30);
+    let series = |name: &str, value: &dyn Fn(&SizeResult) -> f64| Series {
+        name: name.to_string(),
+        points: results.iter().map(|r| (gib(r), value(r))).collect(),
+    };
+    let live =
+        |r: &SizeResult, f: fn(&Live) -> f64| median(&r.live.iter().map(f).collect::<Vec<_>>());
+    vec![
+        Plot {
+            title: "Guest paused, by guest RAM (guest writing all of it)".into(),
+            x_label: "guest RAM (GiB)".into(),
+            y_label: "ms".into(),
+            kind: PlotKind::Line,
+            series: vec![
+                series("live snapshot", &|r| live(r, |s| s.paused_ms)),
+                series("live fork", &|r| median(&r.fork_paused_ms)),
+                series("live snapshot, 16 MiB working set", &|r| {
+                    median(&r.small_live_ms)
+                }),
+                series("stop-and-copy snapshot", &|r| median(&r.stop_paused_ms)),
+                series("cp --sparse=always", &|r| median(&r.cp_ms)),
+            ],
+        },
+        Plot {
+            title: "Live snapshot copy-on-write, by guest RAM".into(),
+            x_label: "guest RAM (GiB)".into(),
+            y_label: "MiB".into(),
+            kind: PlotKind::Line,
+            series: vec![
+                series("copied (parent's private dirty guest RAM)", &|r| {
+                    live(r, |s| s.cow_bytes) / MIB
+                }),
+                series(
+                    "written by the guest meanwhile (rate × write time)",
+                    &|r| live(r, |s| s.guest_rate * s.write_ms / 1e3 * PAGE / MIB),
+                ),
+            ],
+        },
+    ]
 }
