@@ -9,17 +9,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cowvm_guest_abi::workload::expected_digest_for;
 use cowvm_guest_abi::WorkloadArgs;
 use cowvm_tests::diff_oracle::assert_diff_is_exact;
-use cowvm_tests::vmm_harness::{cowvm, kvm_usable, stderr, stdout, ApiClient, RunningVm};
+use cowvm_tests::vmm_harness::{
+    cowvm, expected_done_for, kvm_usable, restore_done, stderr, stdout, ApiClient, RunningVm,
+};
 use rustix::process::{kill_process, prlimit, Pid, Resource, Rlimit, Signal};
 use serde_json::Value;
-
-fn expected_done(args: &str, generation: u64) -> String {
-    let args = WorkloadArgs::parse(args).expect("args parse");
-    format!("DONE {:016x}", expected_digest_for(&args, generation))
-}
 
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
@@ -52,23 +48,6 @@ fn live_snapshot(vm: &RunningVm, dir: &Path, diff: bool) -> Value {
     );
     assert_eq!(reply["live"], true);
     reply
-}
-
-/// The last line `cowvm restore DIR` prints (the guest's `DONE` line).
-fn restore(dir: &Path) -> String {
-    let output = cowvm(&["restore", path_str(dir)]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "restore {}: {}",
-        dir.display(),
-        stderr(&output)
-    );
-    stdout(&output)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Waits (up to two minutes) for a `DONE` line in a serial output file.
@@ -126,7 +105,7 @@ fn pid_of(vm: &RunningVm) -> Pid {
 fn live_snapshots_restore_to_the_oracle(vcpus: &str) {
     // About 800 000 page writes: a few seconds, well past both snapshot moments.
     let args = "pages=4000 rounds=200 seed=5 write=100";
-    let expected = expected_done(args, 0);
+    let expected = expected_done_for(args, 0);
     let dir = tempfile::tempdir().unwrap();
     let vm = RunningVm::start(dir.path(), vcpus, args);
     std::thread::sleep(Duration::from_millis(200));
@@ -168,12 +147,12 @@ fn live_snapshots_restore_to_the_oracle(vcpus: &str) {
     // The guest ran on and finishes as if nothing happened; both snapshots restore to the same.
     finishes_with(vm, &expected);
     assert_eq!(
-        restore(&full),
+        restore_done(&full, &[]),
         expected,
         "restore of the live full snapshot"
     );
     assert_eq!(
-        restore(&diff),
+        restore_done(&diff, &[]),
         expected,
         "restore of a live diff on a live full"
     );
@@ -326,9 +305,9 @@ fn a_writer_killed_mid_write_publishes_nothing_and_loses_no_page() {
     std::thread::sleep(Duration::from_millis(30));
     let diff = dir.path().join("diff");
     live_snapshot(&vm, &diff, true);
-    let expected = expected_done(args, 0);
+    let expected = expected_done_for(args, 0);
     finishes_with(vm, &expected);
-    assert_eq!(restore(&diff), expected);
+    assert_eq!(restore_done(&diff, &[]), expected);
 
     // The diff holds exactly the workload pages written between the full snapshot and itself:
     // the failed snapshot's dirty bits came back, and nothing else was added.
@@ -393,7 +372,7 @@ fn a_fork_into_three_gives_four_vms_with_their_own_digests() {
         let generation = child["generation"].as_u64().unwrap();
         assert_eq!(
             wait_for_done(&serial),
-            expected_done(args, generation),
+            expected_done_for(args, generation),
             "child {child}"
         );
     }
@@ -415,7 +394,7 @@ fn a_fork_into_three_gives_four_vms_with_their_own_digests() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(request(&vm.socket, r#"{"cmd":"resume"}"#)["ok"], true);
-    finishes_with(vm, &expected_done(args, 0));
+    finishes_with(vm, &expected_done_for(args, 0));
     for child in &children {
         assert!(
             !Path::new(child["api_socket"].as_str().unwrap()).exists(),
@@ -494,7 +473,7 @@ fn cowvm_fork_forks_a_restored_vm_and_names_bad_flags() {
     assert_eq!(Path::new(words[5]).parent(), Some(second.as_path()));
     assert_eq!(
         wait_for_done(Path::new(words[7])),
-        expected_done(args, generation)
+        expected_done_for(args, generation)
     );
     assert_eq!(
         restored.stats()["state"],
@@ -503,5 +482,5 @@ fn cowvm_fork_forks_a_restored_vm_and_names_bad_flags() {
     );
     let resumed = cowvm(&["resume", "--api-socket", restored.socket()]);
     assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
-    finishes_with(restored, &expected_done(args, 0));
+    finishes_with(restored, &expected_done_for(args, 0));
 }
