@@ -320,12 +320,14 @@ fn a_fork_into_three_gives_four_vms_with_their_own_digests() {
     if !kvm_usable("a_fork_into_three_gives_four_vms_with_their_own_digests") {
         return;
     }
-    // Each vCPU walks 2000 pages × 150 rounds before its generation rounds: seconds, while the
-    // fork comes after 100 ms.
-    let args = "pages=4000 rounds=150 gen_rounds=150 seed=9 write=50";
+    // Each vCPU walks 2000 pages × 2000 rounds before its generation rounds (seconds); the VM is
+    // paused after 100 ms, and forked while paused, so the fork's moment is the pause's.
+    let args = "pages=4000 rounds=2000 gen_rounds=100 seed=9 write=20";
     let dir = tempfile::tempdir().unwrap();
     let vm = RunningVm::start(dir.path(), "2", args);
     std::thread::sleep(Duration::from_millis(100));
+    // The parent stays paused through the fork: it sees its children end before it does.
+    assert_eq!(request(&vm.socket, r#"{"cmd":"pause"}"#)["ok"], true);
     let forks = dir.path().join("forks");
     std::fs::create_dir(&forks).unwrap();
     let reply = request(
@@ -343,14 +345,13 @@ fn a_fork_into_three_gives_four_vms_with_their_own_digests() {
             .map(|c| c["pid"].as_i64().unwrap() as i32)
             .collect(),
     );
-    // Hold the parent, so that it sees its children end before it does.
-    assert_eq!(request(&vm.socket, r#"{"cmd":"pause"}"#)["ok"], true);
     for progress in reply["guest_progress"].as_array().unwrap() {
         assert!(
-            progress.as_u64().unwrap() < 2000 * 150,
+            progress.as_u64().unwrap() < 2000 * 2000,
             "the fork came before the generation rounds: {reply}"
         );
     }
+    assert_eq!(vm.stats()["state"], "paused", "a paused VM stays paused");
     assert_eq!(children.len(), 3);
     let generations: BTreeSet<u64> = children
         .iter()

@@ -314,6 +314,9 @@ impl LiveOps {
                 ),
             })
         };
+        // Ordering: whatever a failed child left under the staging name is removed before the
+        // reply goes out, so a client that reads the reply finds nothing of the snapshot.
+        drop(writer.staging);
         let _ = writer.reply.send(reply);
         let parent = published.then(|| ParentRef {
             path: std::fs::canonicalize(&target)
@@ -323,7 +326,6 @@ impl LiveOps {
             id: Some(writer.id.clone()),
             state_crc: None,
         });
-        // `writer.staging` drops here: it removes the staging directory a failed child left.
         Settled {
             published: parent,
             dirty: writer.dirty,
