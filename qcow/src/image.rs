@@ -17,6 +17,7 @@ use crate::snapshot::Snapshot;
 
 mod compressed;
 mod data_file;
+pub(crate) use data_file::data_file_cluster;
 mod flush;
 mod meta;
 mod open;

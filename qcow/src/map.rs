@@ -44,19 +44,24 @@ impl MapEntry {
     }
 }
 
-/// Status of `[offset, offset + max_len)` in `image` and below; returns the entry for its first
-/// part (whose length may be shorter).
+/// Appends `entry` to `out`, merged into the last entry where qemu-img would merge them.
+fn push(out: &mut Vec<MapEntry>, entry: MapEntry) {
+    match out.last_mut() {
+        Some(last) if last.mergeable(&entry) => last.length += entry.length,
+        _ => out.push(entry),
+    }
+}
+
+/// Appends to `out` the entries for the start of `[offset, offset + max_len)` in `image` and
+/// below — one run of clusters that read alike (see [`Image::mapping_run`]) — and returns how
+/// many bytes they cover (at least one).
 fn status<S: Storage>(
     image: &mut Image<S>,
     offset: u64,
     max_len: u64,
     depth: u32,
-) -> Result<MapEntry> {
-    let cluster_size = image.cluster_size();
-    let in_cluster = offset % cluster_size;
-    // A subcluster with extended L2 entries.
-    let granule = image.granule();
-    let length = (granule - offset % granule).min(max_len);
+    out: &mut Vec<MapEntry>,
+) -> Result<u64> {
     // Guest clusters live in the data file, if the image has one.
     let file = if image.has_data_file() {
         image.data_file_path()
@@ -64,72 +69,101 @@ fn status<S: Storage>(
         image.path()
     }
     .map(|p| p.to_path_buf());
-    let entry = |present, zero, data, compressed, offset: Option<u64>, file| MapEntry {
-        start: 0,
+    let (mapping, length) = image.mapping_run(offset, max_len)?;
+    let entry = |present, zero, data, compressed, host: Option<u64>, file| MapEntry {
+        start: offset,
         length,
         depth,
         present,
         zero,
         data,
         compressed,
-        offset,
+        offset: host,
         file,
     };
-    Ok(match image.mapping(offset)? {
-        Mapping::Normal { host, .. } => {
-            // Like qemu-img, look through to the file's holes only in a metadata-preallocated image.
-            let host = host + in_cluster;
-            let (is_data, run) = if image.metadata_preallocated()? {
-                image.host_extent(host, length)?
-            } else {
-                (true, length)
-            };
-            MapEntry {
-                length: run.max(1),
-                ..entry(true, !is_data, true, false, Some(host), file)
+    match mapping {
+        Mapping::Normal { host, .. } if image.metadata_preallocated()? => {
+            // Like qemu-img, look through to the file's holes only in a metadata-preallocated
+            // image: one look per extent of the run.
+            let mut done = 0;
+            while done < length {
+                let (is_data, run) = image.host_extent(host + done, length - done)?;
+                let run = run.clamp(1, length - done);
+                push(
+                    out,
+                    MapEntry {
+                        start: offset + done,
+                        length: run,
+                        ..entry(true, !is_data, true, false, Some(host + done), file.clone())
+                    },
+                );
+                done += run;
             }
         }
-        Mapping::ZeroPlain => entry(true, true, false, false, None, None),
-        Mapping::ZeroAlloc { host } => {
-            entry(true, true, false, false, Some(host + in_cluster), file)
+        Mapping::Normal { host, .. } => {
+            push(out, entry(true, false, true, false, Some(host), file))
         }
-        Mapping::Compressed { .. } => entry(true, false, true, true, None, None),
+        Mapping::ZeroPlain => push(out, entry(true, true, false, false, None, None)),
+        Mapping::ZeroAlloc { host } => push(out, entry(true, true, false, false, Some(host), file)),
+        Mapping::Compressed { .. } => push(out, entry(true, false, true, true, None, None)),
         Mapping::Unallocated => {
             let backing_size = image.backing().map(Backing::size);
             match (image.backing.as_deref_mut(), backing_size) {
                 (Some(backing), Some(size)) if offset < size => {
-                    let len = length.min(size - offset);
-                    match backing {
-                        Disk::Qcow2(lower) => status(lower, offset, len, depth + 1)?,
-                        Disk::Raw(raw) => {
-                            let path = raw.path().to_path_buf();
-                            let (is_data, run) = raw
-                                .storage_mut()
-                                .extent_at(offset, len)
-                                .map_err(Error::ReadBacking)?;
-                            MapEntry {
-                                start: 0,
-                                length: run.max(1),
-                                depth: depth + 1,
-                                present: true,
-                                zero: !is_data,
-                                data: is_data,
-                                compressed: false,
-                                offset: Some(offset),
-                                file: Some(path),
+                    let covered = length.min(size - offset);
+                    let mut done = 0;
+                    while done < covered {
+                        let at = offset + done;
+                        done += match backing {
+                            Disk::Qcow2(lower) => {
+                                status(lower, at, covered - done, depth + 1, out)?
                             }
-                        }
+                            Disk::Raw(raw) => raw_status(raw, at, covered - done, depth + 1, out)?,
+                        };
                     }
+                    return Ok(covered);
                 }
                 // Past the end of the backing file qemu-img reports this layer (with the host
                 // offset of an unallocated subcluster of an allocated cluster).
                 _ => {
                     let host = image.unallocated_host(offset)?;
-                    entry(false, true, false, false, host, host.and(file))
+                    push(out, entry(false, true, false, false, host, host.and(file)));
                 }
             }
         }
-    })
+    }
+    Ok(length)
+}
+
+/// [`status`] for a raw backing file: its data and holes, at their own offsets.
+fn raw_status(
+    raw: &mut crate::disk::RawDisk,
+    offset: u64,
+    max_len: u64,
+    depth: u32,
+    out: &mut Vec<MapEntry>,
+) -> Result<u64> {
+    let path = raw.path().to_path_buf();
+    let (is_data, run) = raw
+        .storage_mut()
+        .extent_at(offset, max_len)
+        .map_err(Error::ReadBacking)?;
+    let length = run.clamp(1, max_len);
+    push(
+        out,
+        MapEntry {
+            start: offset,
+            length,
+            depth,
+            present: true,
+            zero: !is_data,
+            data: is_data,
+            compressed: false,
+            offset: Some(offset),
+            file: Some(path),
+        },
+    );
+    Ok(length)
 }
 
 /// The merged map of the whole virtual disk.
@@ -140,13 +174,7 @@ pub fn map<S: Storage>(image: &mut Image<S>) -> Result<Vec<MapEntry>> {
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut offset = 0;
     while offset < size {
-        let mut entry = status(image, offset, size - offset, 0)?;
-        entry.start = offset;
-        offset += entry.length;
-        match entries.last_mut() {
-            Some(last) if last.mergeable(&entry) => last.length += entry.length,
-            _ => entries.push(entry),
-        }
+        offset += status(image, offset, size - offset, 0, &mut entries)?;
     }
     Ok(entries)
 }

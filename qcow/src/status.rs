@@ -30,6 +30,75 @@ pub struct Extent {
 }
 
 impl<S: Storage> Image<S> {
+    /// The run of guest clusters from `offset` that read the same way: the mapping of `offset`'s
+    /// cluster (a host offset moved to `offset` itself) and how many bytes, up to `max_len`, the
+    /// end of the disk and the end of the L2 table, share its kind — for allocated clusters also
+    /// lying back to back on the host (QEMU's `count_contiguous_subclusters`). Without an L2
+    /// table the run is unallocated to the table's end; otherwise, with extended L2 entries and
+    /// for compressed clusters, a run is one granule or cluster.
+    pub fn mapping_run(&mut self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        let first = self.mapping(offset)?;
+        let cluster_size = self.cluster_size;
+        let in_cluster = offset % cluster_size;
+        let table_span = cluster_size << self.l2_bits;
+        let end = offset
+            .saturating_add(max_len)
+            .min((offset / table_span + 1) * table_span)
+            .min(self.size());
+        let at_offset = match first {
+            Mapping::Normal { host, copied } => Mapping::Normal {
+                host: host + in_cluster,
+                copied,
+            },
+            Mapping::ZeroAlloc { host } => Mapping::ZeroAlloc {
+                host: host + in_cluster,
+            },
+            other => other,
+        };
+        let l2_offset = self.l2_offset_of(self.l1_index(offset))?;
+        if l2_offset == 0 {
+            return Ok((at_offset, end - offset));
+        }
+        let granule = self.granule();
+        let first_len = (granule - offset % granule).min(end - offset);
+        if self.header.extended_l2() || matches!(first, Mapping::Compressed { .. }) {
+            return Ok((at_offset, first_len));
+        }
+        let (cluster_bits, data_file) = (self.cluster_bits, self.header.has_data_file());
+        let start_index = self.l2_index(offset);
+        // `mapping` just loaded the table; it is only missing if the cache holds nothing.
+        let Some(table) = self.l2_cache.get(l2_offset) else {
+            return Ok((at_offset, first_len));
+        };
+        let clusters = (end - offset + in_cluster).div_ceil(cluster_size) as usize;
+        let mut same = 1;
+        for &entry in &table[start_index + 1..start_index + clusters] {
+            // A bad entry ends the run; `mapping` reports it when the next run starts there.
+            let Ok(mut next) = Mapping::decode(entry, cluster_bits) else {
+                break;
+            };
+            if data_file {
+                next = crate::image::data_file_cluster(entry, next);
+            }
+            let shift = same as u64 * cluster_size;
+            let continues = match (first, next) {
+                (Mapping::Normal { host: a, .. }, Mapping::Normal { host: b, .. })
+                | (Mapping::ZeroAlloc { host: a }, Mapping::ZeroAlloc { host: b }) => {
+                    a + shift == b
+                }
+                (Mapping::Unallocated, Mapping::Unallocated)
+                | (Mapping::ZeroPlain, Mapping::ZeroPlain) => true,
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            same += 1;
+        }
+        let len = (same as u64 * cluster_size - in_cluster).min(end - offset);
+        Ok((at_offset, len))
+    }
+
     /// Status of this image's own layer at `offset`: like QEMU, a run never crosses an L2 table
     /// and a data run ends where its host clusters stop being contiguous.
     pub fn layer_status(&mut self, offset: u64, max_len: u64) -> Result<(Allocation, u64)> {
@@ -150,8 +219,8 @@ mod tests {
     use crate::image::OpenOptions;
     use crate::raw::MemStorage;
 
-    #[test]
-    fn runs_follow_cluster_kinds_and_table_boundaries() {
+    /// A 4 MiB image of 4 KiB clusters: an L2 table maps 2 MiB.
+    fn image_4m() -> Image<MemStorage> {
         let mut storage = MemStorage::default();
         let options = CreateOptions {
             size: 4 << 20,
@@ -159,7 +228,12 @@ mod tests {
             ..CreateOptions::default()
         };
         create_on(&mut storage, &options).unwrap();
-        let mut image = Image::open_storage(storage, None, &OpenOptions::default()).unwrap();
+        Image::open_storage(storage, None, &OpenOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn runs_follow_cluster_kinds_and_table_boundaries() {
+        let mut image = image_4m();
         image.write_at(&[1u8; 8192], 4096).unwrap();
         image.write_zeroes(16384, 4096).unwrap();
         assert_eq!(
@@ -178,6 +252,33 @@ mod tests {
         assert_eq!(
             image.layer_status(20480, 4 << 20).unwrap(),
             (Allocation::Unallocated, (2 << 20) - 20480)
+        );
+    }
+
+    #[test]
+    fn mapping_runs_follow_host_contiguity_and_tables() {
+        let mut image = image_4m();
+        // Clusters 1 to 3, written at once, lie back to back; cluster 4, written first, lies
+        // before them on the host.
+        image.write_at(&[2u8; 4096], 16384).unwrap();
+        image.write_at(&[1u8; 12288], 4096).unwrap();
+        let Mapping::Normal { host, .. } = image.mapping(4096).unwrap() else {
+            panic!("cluster 1 is not data");
+        };
+        let (run, len) = image.mapping_run(4096 + 100, 1 << 20).unwrap();
+        assert_eq!(len, 12288 - 100);
+        assert!(matches!(run, Mapping::Normal { host: h, .. } if h == host + 100));
+        // `max_len` and the disk's end cut a run short.
+        assert_eq!(image.mapping_run(4096, 5000).unwrap().1, 5000);
+        assert_eq!(image.mapping_run(12288, 1 << 30).unwrap().1, 4096);
+        // Unallocated up to the end of the first table, and without a table to the end of its own.
+        assert_eq!(
+            image.mapping_run(20480, 1 << 30).unwrap(),
+            (Mapping::Unallocated, (2 << 20) - 20480)
+        );
+        assert_eq!(
+            image.mapping_run(3 << 20, 1 << 30).unwrap(),
+            (Mapping::Unallocated, 1 << 20)
         );
     }
 }

@@ -10,6 +10,19 @@ use crate::error::{Corruption, Error, Result};
 use crate::l2::{Mapping, COPIED};
 use crate::raw::Storage;
 
+/// QEMU's reading of an L2 entry in an image with a data file: offset 0 with OFLAG_COPIED is a
+/// data cluster at offset 0 (not an unallocated one), since every data cluster has refcount 1.
+/// A free function so that code holding a borrowed L2 table can decode with it.
+pub(crate) fn data_file_cluster(entry: u64, mapping: Mapping) -> Mapping {
+    if mapping == Mapping::Unallocated && entry & COPIED != 0 {
+        return Mapping::Normal {
+            host: 0,
+            copied: true,
+        };
+    }
+    mapping
+}
+
 impl<S: Storage> Image<S> {
     /// Whether guest data lives in an external data file.
     pub fn has_data_file(&self) -> bool {
@@ -47,18 +60,6 @@ impl<S: Storage> Image<S> {
         } else {
             self.alloc_clusters(count)
         }
-    }
-
-    /// QEMU's reading of an L2 entry with a data file: offset 0 with OFLAG_COPIED is a data
-    /// cluster at offset 0 (not an unallocated one), since every data cluster has refcount 1.
-    pub(crate) fn data_file_cluster(&self, entry: u64, mapping: Mapping) -> Mapping {
-        if mapping == Mapping::Unallocated && entry & COPIED != 0 && self.header.has_data_file() {
-            return Mapping::Normal {
-                host: 0,
-                copied: true,
-            };
-        }
-        mapping
     }
 
     /// Refuses what QEMU refuses in a data file image: compressed clusters, and data clusters

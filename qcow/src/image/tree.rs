@@ -169,7 +169,10 @@ impl<S: Storage> Image<S> {
     /// has a host cluster, not what its subclusters read as).
     pub(crate) fn decode(&self, entry: u64) -> Result<Mapping> {
         let mapping = Mapping::decode_cluster(entry, self.cluster_bits, self.header.extended_l2())?;
-        Ok(self.data_file_cluster(entry, mapping))
+        if self.header.has_data_file() {
+            return Ok(super::data_file::data_file_cluster(entry, mapping));
+        }
+        Ok(mapping)
     }
 
     /// The unit of allocation state: a subcluster with extended L2 entries, else a cluster.
