@@ -202,6 +202,10 @@ fn print_human(entries: &[MapEntry]) -> Result<(), Fail> {
                 "File contains external, encrypted or compressed clusters.".into(),
             ));
         };
+        // Data that reads as zeros (a hole under a preallocated cluster) is not listed.
+        if e.zero {
+            continue;
+        }
         let file = e
             .file
             .as_ref()
