@@ -1,12 +1,15 @@
 //! Benchmark: the image operations of `qcow` against `qemu-img` in the same run, whole-run time
 //! of each process (start to exit, so including the flushes each tool does before it exits):
 //! `convert` of a 4 GiB image half full of data (to qcow2, to raw, compressed), `commit` of a
-//! 1 GiB overlay, and `snapshot -c` on an image with 100k allocated clusters. Prints a table and
-//! saves it with `report` (`target/bench/bench_qcow_ops.md`).
+//! 1 GiB overlay, `snapshot -c` on an image with 100k allocated clusters, and `map` (JSON and
+//! human) of a 100 GiB `preallocation=metadata` image (1.6M clusters over the file's holes) and of
+//! a 4 GiB image with 20k clusters written in random order. Prints a table and saves it with
+//! `report` (`target/bench/bench_qcow_ops.md`).
 //!
 //! Run: `cargo run --release -p cowvm-tests --bin bench_qcow_ops` (or `make bench`). Knobs:
 //! `BENCH_REPS` (repetitions, median reported; default 3), `BENCH_DIR` (scratch directory),
-//! `QCOW_BIN` (a prebuilt `qcow`; default: the release `qcow` next to this program).
+//! `QCOW_BIN` (a prebuilt `qcow`; default: the release `qcow` next to this program),
+//! `BENCH_ONLY` (run only the workloads whose name contains this text; only their images are made).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,12 @@ const SOURCE_SIZE: u64 = 4 * GIB;
 const OVERLAY_SIZE: u64 = GIB;
 /// Allocated clusters of the snapshot image (64 KiB clusters, metadata preallocation).
 const SNAPSHOT_CLUSTERS: u64 = 100_000;
+/// Virtual size of the metadata-preallocated image `map` reads.
+const MAP_SIZE: u64 = 100 * GIB;
+/// Virtual size of the scattered image `map` reads, and its 64 KiB clusters written in random
+/// order (so few of them lie back to back on the host).
+const SCATTERED_SIZE: u64 = 4 * GIB;
+const SCATTERED_CLUSTERS: u64 = 20_000;
 const LIMIT: Duration = Duration::from_secs(900);
 
 /// One workload: how to set up a run (not timed) and the arguments of the timed command.
@@ -44,6 +53,8 @@ enum Setup {
     CommitPair,
     /// The snapshot image is copied from its template before each run.
     SnapshotImage,
+    /// Nothing changes; the two tools' outputs must be identical.
+    ReadOnly,
 }
 
 struct Bench {
@@ -71,12 +82,6 @@ fn main() -> Result<()> {
         bench.dir.path().display(),
         load_average()
     );
-    bench.prepare()?;
-    println!(
-        "images prepared in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-
     let workloads = [
         Workload {
             name: "convert 4 GiB (2 GiB data) → qcow2",
@@ -110,10 +115,53 @@ fn main() -> Result<()> {
             args: &["snapshot", "-c", "bench", "{dir}/run-snap.qcow2"],
             setup: Setup::SnapshotImage,
         },
+        Workload {
+            name: "map --output=json, 100 GiB preallocation=metadata",
+            args: &["map", "--output=json", "{dir}/map.qcow2"],
+            setup: Setup::ReadOnly,
+        },
+        Workload {
+            name: "map, 100 GiB preallocation=metadata",
+            args: &["map", "{dir}/map.qcow2"],
+            setup: Setup::ReadOnly,
+        },
+        Workload {
+            name: "map --output=json, 4 GiB, 20k scattered clusters",
+            args: &["map", "--output=json", "{dir}/scattered.qcow2"],
+            setup: Setup::ReadOnly,
+        },
+        Workload {
+            name: "map, 4 GiB, 20k scattered clusters",
+            args: &["map", "{dir}/scattered.qcow2"],
+            setup: Setup::ReadOnly,
+        },
     ];
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let workloads: Vec<&Workload> = workloads
+        .iter()
+        .filter(|w| w.name.contains(only.as_str()))
+        .collect();
+    ensure!(
+        !workloads.is_empty(),
+        "BENCH_ONLY={only} matches no workload"
+    );
+    for setup in [
+        Setup::FreshOutput,
+        Setup::CommitPair,
+        Setup::SnapshotImage,
+        Setup::ReadOnly,
+    ] {
+        if workloads.iter().any(|w| w.setup == setup) {
+            bench.prepare(setup)?;
+        }
+    }
+    println!(
+        "images prepared in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     let mut rows = Vec::new();
     let mut lines = Vec::new();
-    for workload in &workloads {
+    for workload in workloads {
         let qemu = bench.measure(Path::new("qemu-img"), workload)?;
         let ours = bench.measure(&bench.qcow, workload)?;
         let ratio = qemu.median() / ours.median();
@@ -161,9 +209,67 @@ impl Bench {
         self.dir.path().join(name)
     }
 
-    /// The source of the conversions (semi-compressible data in every other MiB of 4 GiB), the
-    /// commit pair template and the snapshot image template, all made by qemu-img.
-    fn prepare(&self) -> Result<()> {
+    /// What the workloads of `setup` start from, made by qemu-img: the source of the
+    /// conversions (semi-compressible data in every other MiB of 4 GiB), the commit pair
+    /// template, the snapshot image template, or the images `map` reads.
+    fn prepare(&self, setup: Setup) -> Result<()> {
+        match setup {
+            Setup::FreshOutput => self.prepare_source(),
+            Setup::CommitPair => self.prepare_commit(),
+            Setup::SnapshotImage => self.prepare_snapshot(),
+            Setup::ReadOnly => self.prepare_map(),
+        }
+    }
+
+    fn prepare_map(&self) -> Result<()> {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            path_str(&self.path("map.qcow2"))?,
+            &MAP_SIZE.to_string(),
+        ])?;
+        let scattered = self.path("scattered.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path_str(&scattered)?,
+            &SCATTERED_SIZE.to_string(),
+        ])?;
+        // Distinct clusters in a fixed pseudo-random order: a step coprime to the cluster count.
+        let clusters = SCATTERED_SIZE / 65536;
+        let mut commands = String::new();
+        for i in 0..SCATTERED_CLUSTERS {
+            let cluster = (i * 40_503 + 7) % clusters;
+            writeln!(commands, "write -P {} {} 64k", i % 250 + 1, cluster * 65536)?;
+        }
+        // `-t unsafe`: no flush per write; this is setup, not the thing measured.
+        let mut child = Command::new("qemu-io")
+            .args(["-t", "unsafe", "-f", "qcow2", path_str(&scattered)?])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("run qemu-io")?;
+        std::io::Write::write_all(
+            child.stdin.as_mut().context("qemu-io's stdin")?,
+            commands.as_bytes(),
+        )
+        .context("feed qemu-io")?;
+        drop(child.stdin.take());
+        let status = child.wait().context("wait for qemu-io")?;
+        ensure!(
+            status.success(),
+            "qemu-io failed writing the scattered image"
+        );
+        Ok(())
+    }
+
+    fn prepare_source(&self) -> Result<()> {
         let raw = self.path("source.raw");
         write_half_full(&raw, SOURCE_SIZE)?;
         qemu_img(&[
@@ -175,7 +281,10 @@ impl Bench {
             path_str(&raw)?,
             path_str(&self.path("source.qcow2"))?,
         ])?;
-        std::fs::remove_file(&raw).context("remove the raw source")?;
+        std::fs::remove_file(&raw).context("remove the raw source")
+    }
+
+    fn prepare_commit(&self) -> Result<()> {
         let base = self.path("base.qcow2");
         qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base)?, "1G"])?;
         let top = self.path("top.qcow2");
@@ -203,7 +312,10 @@ impl Bench {
             path_str(&top_raw)?,
             path_str(&top)?,
         ])?;
-        std::fs::remove_file(&top_raw).context("remove the raw overlay data")?;
+        std::fs::remove_file(&top_raw).context("remove the raw overlay data")
+    }
+
+    fn prepare_snapshot(&self) -> Result<()> {
         let snap = self.path("snap.qcow2");
         qemu_img(&[
             "create",
@@ -214,8 +326,7 @@ impl Bench {
             "preallocation=metadata",
             path_str(&snap)?,
             &(SNAPSHOT_CLUSTERS * 65536).to_string(),
-        ])?;
-        Ok(())
+        ])
     }
 
     fn setup(&self, setup: Setup) -> Result<()> {
@@ -240,6 +351,7 @@ impl Bench {
             Setup::SnapshotImage => {
                 copy_sparse(&self.path("snap.qcow2"), &self.path("run-snap.qcow2"))?;
             }
+            Setup::ReadOnly => {}
         }
         // Dirty pages of the setup (or of the previous run) must not be flushed on the clock.
         let status = Command::new("sync").status().context("sync")?;
@@ -270,7 +382,7 @@ impl Bench {
                 values.push(seconds);
             }
         }
-        self.verify(workload)?;
+        self.verify(workload, &args)?;
         let tool = if program == Path::new("qemu-img") {
             "qemu-img"
         } else {
@@ -286,8 +398,9 @@ impl Bench {
     }
 
     /// The last run's result is what it should be: the conversion equals the source, the commit
-    /// put the overlay's data into the base, the snapshot exists; every qcow2 result is clean.
-    fn verify(&self, workload: &Workload) -> Result<()> {
+    /// put the overlay's data into the base, the snapshot exists, `map` prints what qemu-img prints;
+    /// every qcow2 result is clean.
+    fn verify(&self, workload: &Workload, args: &[String]) -> Result<()> {
         let check = |path: &Path| -> Result<()> {
             let out = run_with_timeout(
                 Command::new("qemu-img").args(["check", path_str(path)?]),
@@ -345,6 +458,16 @@ impl Bench {
                     list.stdout.contains(" bench "),
                     "no snapshot\n{}",
                     list.describe()
+                );
+            }
+            Setup::ReadOnly => {
+                let qemu = run_with_timeout(Command::new("qemu-img").args(args), LIMIT);
+                let ours = run_with_timeout(Command::new(&self.qcow).args(args), LIMIT);
+                ensure!(
+                    qemu.success() && ours.success() && qemu.stdout == ours.stdout,
+                    "qcow's output differs from qemu-img's\n{}\n{}",
+                    qemu.describe(),
+                    ours.describe()
                 );
             }
         }
@@ -451,7 +574,7 @@ fn markdown(
          convert's default cache mode is `unsafe`, no final flush; qcow convert's too). \
          `sync` runs before every timed run. Every result is checked: conversions \
          `qemu-img compare`-equal to the source, commits equal to the overlay, qcow2 results \
-         `qemu-img check` clean.\n",
+         `qemu-img check` clean, `map` output identical to qemu-img's.\n",
         bench.reps,
         elapsed.as_secs()
     );
