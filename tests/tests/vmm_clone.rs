@@ -152,10 +152,8 @@ fn a_clone_is_controllable_and_its_diff_builds_on_the_template() {
     let socket = sockets.join("clone-1.sock");
     wait_for_socket(&socket);
     let socket = socket.to_str().unwrap();
-    assert_eq!(
-        stdout(&cowvm(&["pause", "--api-socket", socket])).trim(),
-        "paused"
-    );
+    let paused = cowvm(&["pause", "--api-socket", socket]);
+    assert_eq!(stdout(&paused).trim(), "paused", "{}", stderr(&paused));
     let stats: serde_json::Value =
         serde_json::from_slice(&cowvm(&["stats", "--api-socket", socket]).stdout).unwrap();
     assert_eq!(stats["state"], "paused");

@@ -15,6 +15,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustix::fs::{renameat_with, RenameFlags, CWD};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -133,8 +134,7 @@ pub fn serve(path: &Path, events: Sender<VmEvent>) -> Result<ApiServer, ApiError
         path: path.to_owned(),
         source,
     };
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    let listener = bind_listening(path).map_err(bind_err)?;
     let in_flight = Arc::new(AtomicUsize::new(0));
     let counter = in_flight.clone();
     std::thread::Builder::new()
@@ -153,6 +153,35 @@ pub fn serve(path: &Path, events: Sender<VmEvent>) -> Result<ApiServer, ApiError
         path: path.to_owned(),
         in_flight,
     })
+}
+
+/// A listening socket at `path`, mode 0600. Ordering: it is bound and set listening under a
+/// temporary name beside `path`, given its mode, and only then renamed to `path` (refusing to
+/// replace a socket another VMM put there meanwhile), so a client that sees `path` can connect at
+/// once and nobody ever sees it with the default mode. A path too long to take the temporary
+/// suffix (the 108-byte limit) is bound in place.
+fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
+    let mut staged = path.as_os_str().to_owned();
+    staged.push(format!(".{}~", std::process::id()));
+    let staged = PathBuf::from(staged);
+    let listener = match UnixListener::bind(&staged) {
+        Ok(listener) => listener,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            let listener = UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            return Ok(listener);
+        }
+        Err(e) => return Err(e),
+    };
+    let published = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| {
+            renameat_with(CWD, &staged, CWD, path, RenameFlags::NOREPLACE).map_err(Into::into)
+        });
+    if let Err(e) = published {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 fn serve_connection(stream: UnixStream, events: &Sender<VmEvent>, in_flight: &AtomicUsize) {
@@ -231,6 +260,36 @@ pub fn request(path: &Path, request: &ApiRequest) -> Result<Value, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_appears_listening_with_mode_0600_and_never_replaces_another() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.sock");
+        let _listener = bind_listening(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        UnixStream::connect(&path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary name left behind");
+        // Another VMM that got there first keeps its socket.
+        let error = bind_listening(&path).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        UnixStream::connect(&path).unwrap();
+        // A path with no room for the temporary suffix is bound in place.
+        let long = dir
+            .path()
+            .join("s".repeat(107 - dir.path().as_os_str().len() - 1));
+        assert_eq!(
+            long.as_os_str().len(),
+            107,
+            "the longest path a socket can have"
+        );
+        let _long = bind_listening(&long).unwrap();
+        UnixStream::connect(&long).unwrap();
+    }
 
     #[test]
     fn requests_use_the_documented_json() {
