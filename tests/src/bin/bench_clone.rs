@@ -221,7 +221,7 @@ fn main() -> Result<()> {
     let context = format!(
         "Host: {cpus} CPUs, load average before {load_before}, after {}; bench took {:.0} s. \
          1 vCPU per VM. Pool clone latency is `start_latency_us` of `cowvm clone --json`: from \
-         the start request (taking a ready slot, mapping the template over its RAM, writing the \
+         the start request (taking a VM the pool already armed with the template, writing the \
          generation id, loading vCPU and device state, starting the vCPU thread) to the guest's \
          first serial access, its first exit after leaving the wait loop. `cowvm restore` is \
          timed from its own process start to the same first exit (`--timings`). Memory is PSS of \

@@ -249,6 +249,8 @@ impl CloneVm {
                     shape: self.shape,
                     runs: self.runs,
                     armed_for: None,
+                    // The clone ran over the template's mapping, its own writes on top.
+                    mapped: self.arming.as_ref().map(|arming| arming.id.clone()),
                 },
                 self.arming,
             ),

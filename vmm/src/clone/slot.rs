@@ -2,8 +2,9 @@
 //! vCPUs. A slot is *armed* for a template by mapping the template's memory file over that same
 //! host range with `mmap(MAP_FIXED | MAP_PRIVATE)`: KVM follows the host mapping (its MMU
 //! notifiers drop the old translations), so the guest sees the file's pages without the memslot
-//! being registered again. Arming replaces whatever the last clone left (its private pages go),
-//! so the pool arms returned slots in the background and a clone's start maps nothing.
+//! being registered again. Arming replaces whatever the last clone left (its private pages go;
+//! a slot that already maps the template only drops them, with `MADV_DONTNEED`), so the pool arms
+//! returned slots in the background and a clone's start maps nothing.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -44,6 +45,9 @@ pub struct Slot {
     /// The template whose clean mapping covers the slot's RAM, if any (else a placeholder, or
     /// pages a clone wrote).
     pub(super) armed_for: Option<String>,
+    /// The template whose memory file is mapped over the slot's RAM, clean or with a clone's
+    /// private pages on top.
+    pub(super) mapped: Option<String>,
 }
 
 impl Slot {
@@ -68,6 +72,7 @@ impl Slot {
             shape,
             runs: 0,
             armed_for: None,
+            mapped: None,
         })
     }
 
@@ -75,15 +80,46 @@ impl Slot {
     /// dirty logs, so that a clone of that template can start without mapping anything.
     pub fn arm(&mut self, arming: &Arming) -> Result<(), CloneError> {
         self.armed_for = None;
-        self.map_snapshot(&arming.file)?;
+        if self.mapped.as_deref() == Some(arming.id.as_str()) {
+            self.drop_private_pages()?;
+        } else {
+            self.mapped = None;
+            self.map_snapshot(&arming.file)?;
+            self.mapped = Some(arming.id.clone());
+        }
         self.clear_dirty_logs()?;
         self.armed_for = Some(arming.id.clone());
         Ok(())
     }
 
+    /// Re-arms a slot whose RAM already maps the template: `madvise(MADV_DONTNEED)` drops the
+    /// last clone's private copies (the next access reads the file's page again), which is what
+    /// mapping the file afresh would do, but under the process's `mmap_lock` taken for reading:
+    /// `mmap(MAP_FIXED)` takes it for writing while it tears down gigabytes of page tables, and
+    /// every other clone of the process waits for it on its next page fault.
+    fn drop_private_pages(&self) -> Result<(), CloneError> {
+        for region in self.vm.memory().iter() {
+            // SAFETY: the slot's own RAM region, a mapping its GuestMemory owns; the slot is idle
+            // (no vCPU runs, no reference into its pages is alive), and MADV_DONTNEED on a
+            // private file mapping only discards pages that are re-read from the file on the next
+            // access: the mapping and every pointer into it stay valid.
+            let result = unsafe {
+                libc::madvise(
+                    region.as_ptr().cast(),
+                    region.len() as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if result != 0 {
+                return Err(CloneError::Reset(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
     /// Maps `file` (a full snapshot's memory, regions concatenated) over the slot's RAM,
     /// copy-on-write: the clone's writes stay private to it and never reach the file.
-    pub fn map_snapshot(&self, file: &File) -> Result<(), CloneError> {
+    fn map_snapshot(&self, file: &File) -> Result<(), CloneError> {
         let mut offset = 0;
         for region in self.vm.memory().iter() {
             let len = region.len() as usize;
@@ -122,6 +158,7 @@ impl Slot {
     /// logs (KVM's and the VMM's).
     pub fn reset(&mut self) -> Result<(), CloneError> {
         self.armed_for = None;
+        self.mapped = None;
         for region in self.vm.memory().iter() {
             // SAFETY: as in `map_snapshot`: the slot's own region, replaced in place while idle.
             let mapped = unsafe {
