@@ -225,13 +225,14 @@ impl<S: Storage> Drop for Image<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::create::{create_on, CreateOptions};
     use crate::l2::Mapping;
     use crate::raw::MemStorage;
 
-    fn new_image(cluster_size: u64) -> Image<MemStorage> {
+    /// A fresh 1 MiB in-memory image with `cluster_size` clusters (the unit tests' scratch disk).
+    pub(crate) fn new_image(cluster_size: u64) -> Image<MemStorage> {
         let mut storage = MemStorage::default();
         let options = CreateOptions {
             size: 1 << 20,

@@ -305,20 +305,9 @@ fn now() -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::create::{create_on, CreateOptions};
+    use crate::image::tests::new_image as image;
     use crate::image::OpenOptions;
     use crate::raw::MemStorage;
-
-    fn image(cluster_size: u64) -> Image<MemStorage> {
-        let mut storage = MemStorage::default();
-        let options = CreateOptions {
-            size: 1 << 20,
-            cluster_size,
-            ..CreateOptions::default()
-        };
-        create_on(&mut storage, &options).unwrap();
-        Image::open_storage(storage, None, &OpenOptions::default()).unwrap()
-    }
 
     fn read_all(image: &mut Image<MemStorage>) -> Vec<u8> {
         let mut buf = vec![0u8; image.size() as usize];
