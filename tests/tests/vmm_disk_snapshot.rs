@@ -202,6 +202,64 @@ fn full_and_diff_snapshots_freeze_a_raw_disk() {
     snapshot_and_restore(dir.path(), &flag, &initial, &image);
 }
 
+#[test]
+fn a_snapshot_mid_batch_holds_the_rest_and_its_restore_carries_them_out() {
+    if !kvm_usable("a_snapshot_mid_batch_holds_the_rest_and_its_restore_carries_them_out")
+        || skip_without_qemu()
+    {
+        return;
+    }
+    // Disk-bound: every round writes all 1024 blocks in batches of 128 requests and reads them
+    // back, so a pause nearly always finds vCPU 0 inside a batch.
+    let args = "disk=1 pages=64 rounds=150 write=100 disk_blocks=1024 disk_batch=128";
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    create_qcow2(&image, "8M");
+    let vm = run_with_disk(dir.path(), &image, args);
+    std::thread::sleep(Duration::from_millis(100));
+    let snaps = dir.path().join("snaps");
+    let mut held = None;
+    for attempt in 0..20 {
+        let path = snaps.join(format!("s{attempt}"));
+        let reply = request(
+            &vm.socket,
+            &format!(r#"{{"cmd":"snapshot","path":"{}"}}"#, path.display()),
+        );
+        assert_eq!(reply["ok"], true, "{reply}");
+        let count = reply["disk_requests_held"].as_u64().unwrap();
+        assert!(count <= 128, "at most one batch is held back: {reply}");
+        if count > 0 {
+            held = Some(path);
+            break;
+        }
+    }
+    let held = held.expect("one of 20 snapshots paused the guest inside a batch");
+    let (code, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+    let initial = vec![0; DISK_SIZE];
+    let oracle = expected_done(args, 0, &initial);
+    let serial = std::fs::read_to_string(dir.path().join("vm").join("serial.log")).unwrap();
+    assert_eq!(
+        serial.lines().last().unwrap(),
+        oracle,
+        "the VM that was paused"
+    );
+    let expected = expected_image(&WorkloadArgs::parse(args).unwrap(), 0, &initial);
+    let expected_path = dir.path().join("expected.raw");
+    std::fs::write(&expected_path, &expected).unwrap();
+    let (last, overlay) = restore_to_end(&held);
+    assert_eq!(
+        last, oracle,
+        "the restored VM carried out the held requests"
+    );
+    assert_image_is(
+        &overlay,
+        "qcow2",
+        &expected_path,
+        "the restored VM's overlay",
+    );
+}
+
 /// Snapshots a VM whose disk is a 1 GiB image (so a write past 512 MiB needs a new L2 table,
 /// which changes the L1 table) and returns the snapshot directory.
 fn snapshot_of(dir: &Path, disk: &str, args: &str) -> PathBuf {

@@ -3,6 +3,7 @@
 //! shutdown, live snapshot and fork — see `fork.rs` for the child processes).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use crate::accounting::{self, AccountingError, MemoryUsage};
 use crate::api::ApiRequest;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Bus;
-use crate::disk::freeze::{OverlayPlace, PendingOverlays, Prepared};
+use crate::disk::freeze::{Frozen, OverlayPlace, PendingOverlays, Prepared};
 use crate::disk::AttachedDisk;
 use crate::fork::{
     self, ChildEvent, ForkError, LiveOps, LiveWriter, PausePhases, Phase, WriterJob,
@@ -106,6 +107,9 @@ pub struct SnapshotReport {
     pub total: Duration,
     /// Of the pause, how long freezing the disks took (flush, chain record, new overlays).
     pub disk_freeze: Duration,
+    /// Disk requests the guest had made available that the pause held back: the snapshot
+    /// carries them, and the VM (and any VM restored from it) carries them out when it runs.
+    pub disk_requests_held: u64,
 }
 
 /// A booted VM.
@@ -124,6 +128,9 @@ pub struct Machine {
     serial: Arc<Mutex<SerialDevice>>,
     mapped: Option<MappedFile>,
     disks: Vec<AttachedDisk>,
+    /// Raised while the VM pauses and stays paused: devices stop between requests (see
+    /// `devices::virtio`), so a pause never waits for a whole batch of guest I/O.
+    device_hold: Arc<AtomicBool>,
     /// Every vCPU acknowledged a pause and none was resumed since.
     paused: bool,
     halted: usize,
@@ -136,6 +143,10 @@ pub struct Machine {
     harvest_times: Vec<Duration>,
     /// How long the last snapshot's disk freeze took.
     disk_freeze_time: Duration,
+    /// Disk requests the last snapshot's pause held back.
+    disk_requests_held: u64,
+    /// Images the last snapshot froze, closed once the guest runs again.
+    frozen: Vec<Frozen>,
     /// Live snapshots and forks in flight, forked children, their last results.
     live: LiveOps,
     kvm_device: PathBuf,
@@ -145,6 +156,10 @@ pub struct Machine {
 
 impl Machine {
     pub(crate) fn new(vcpus: Vec<VcpuHandle>, initial: RunState, parts: MachineParts) -> Self {
+        let device_hold = Arc::new(AtomicBool::new(initial == RunState::Paused));
+        for disk in &parts.disks {
+            disk.lock().set_hold(device_hold.clone());
+        }
         Self {
             vcpu_states: vec![initial; vcpus.len()],
             vcpus,
@@ -157,6 +172,7 @@ impl Machine {
             serial: parts.serial,
             mapped: parts.mapped,
             disks: parts.disks,
+            device_hold,
             paused: initial == RunState::Paused,
             halted: 0,
             parent: parts.parent,
@@ -164,6 +180,8 @@ impl Machine {
             snapshots_taken: 0,
             harvest_times: Vec::new(),
             disk_freeze_time: Duration::ZERO,
+            disk_requests_held: 0,
+            frozen: Vec::new(),
             live: LiveOps::default(),
             kvm_device: parts.kvm_device,
             created_at: parts.created_at,
@@ -229,6 +247,9 @@ impl Machine {
     /// not answer, the others are resumed and the stuck one is told to resume once it reads its
     /// queue, so the VM keeps running as before and the error names the vCPU.
     pub fn pause(&mut self) -> Result<(), VcpuError> {
+        // Ordering: the hold goes up before the request, so a vCPU busy with a batch of disk
+        // requests stops after the one it is doing and sees the pause.
+        self.device_hold.store(true, Ordering::Release);
         let outcomes = self.broadcast(VcpuRequest::Pause);
         let (answered, failed): (Vec<_>, Vec<_>) = outcomes
             .into_iter()
@@ -242,6 +263,7 @@ impl Machine {
         // its pause when it gets back to its loop (its late replies are dropped by ticket).
         let all: Vec<usize> = (0..self.vcpus.len()).collect();
         let answered: Vec<usize> = answered.into_iter().map(|(index, _)| index).collect();
+        self.device_hold.store(false, Ordering::Release);
         self.send_and_wait(VcpuRequest::Resume, &all, &answered);
         for index in all.iter().filter(|i| !answered.contains(i)) {
             self.vcpu_states[*index] = RunState::Running;
@@ -250,8 +272,11 @@ impl Machine {
         Err(first)
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused vCPUs run again; each resumed vCPU first finishes the device requests the
+    /// pause held back (see `devices::virtio`).
     pub fn resume(&mut self) -> Result<(), VcpuError> {
+        // Ordering: the hold comes down before any vCPU resumes and looks at the rings.
+        self.device_hold.store(false, Ordering::Release);
         let outcomes = self.broadcast(VcpuRequest::Resume);
         // Whatever answered runs; a vCPU that did not will run once it reads its queue.
         self.paused = false;
@@ -285,6 +310,7 @@ impl Machine {
         let resumed = if was_running { self.resume() } else { Ok(()) };
         // The guest-visible pause ends when every vCPU has acknowledged the resume.
         let paused = pause_started.elapsed();
+        self.close_frozen();
         // Ordering: the snapshot's contents were fixed while the guest was paused (they sit in
         // the page cache); checksums, fsyncs and the rename that publishes the directory need no
         // pause.
@@ -305,6 +331,7 @@ impl Machine {
                     paused,
                     total: started.elapsed(),
                     disk_freeze: self.disk_freeze_time,
+                    disk_requests_held: self.disk_requests_held,
                 })
             }
             Err(e) => {
@@ -332,6 +359,11 @@ impl Machine {
         // Ordering: the disks are frozen while the guest is paused, at the same instant as its
         // memory; they switch to their fresh overlays only once the memory is written, so a
         // failure leaves every disk on the image it was writing.
+        self.disk_requests_held = self
+            .disks
+            .iter()
+            .map(|disk| disk.lock().pending_requests())
+            .sum();
         let freeze_started = Instant::now();
         let prepared = match self.prepare_disks(Some(snapshot_dir), &mut overlays) {
             Ok(prepared) => prepared,
@@ -350,7 +382,8 @@ impl Machine {
         match written {
             Ok(pending) => {
                 for (disk, prepared) in self.disks.iter_mut().zip(prepared) {
-                    crate::disk::freeze::commit(disk, prepared);
+                    self.frozen
+                        .extend(crate::disk::freeze::commit(disk, prepared));
                 }
                 Ok((dirty, pending))
             }
@@ -437,6 +470,7 @@ impl Machine {
             }
         }
         phases.mark(Phase::Resume);
+        self.close_frozen();
         match spawned {
             Ok((dirty, id, pid)) => {
                 self.live.start_writer(LiveWriter {
@@ -521,6 +555,7 @@ impl Machine {
             }
         }
         phases.mark(Phase::Resume);
+        self.close_frozen();
         let progress = captured.map(|(_, progress)| progress).unwrap_or_default();
         self.live
             .start_fork(reply.clone(), forked, failure, phases, fork_times, progress);
@@ -585,6 +620,13 @@ impl Machine {
         Ok(prepared)
     }
 
+    /// Closes the images the last snapshot froze (see [`Frozen::close`]).
+    fn close_frozen(&mut self) {
+        for frozen in self.frozen.drain(..) {
+            frozen.close();
+        }
+    }
+
     /// Freezes every disk and switches it to its fresh overlay at once, for a live snapshot or
     /// fork (whose state leaves this process with the `fork()` that follows).
     fn freeze_disks_now(
@@ -595,7 +637,8 @@ impl Machine {
         let prepared = self.prepare_disks(snapshot_dir, overlays)?;
         let states = prepared.iter().map(|p| p.state.clone()).collect();
         for (disk, prepared) in self.disks.iter_mut().zip(prepared) {
-            crate::disk::freeze::commit(disk, prepared);
+            self.frozen
+                .extend(crate::disk::freeze::commit(disk, prepared));
         }
         Ok(states)
     }
@@ -736,6 +779,7 @@ impl Machine {
                             "paused_us": report.paused.as_micros() as u64,
                             "total_us": report.total.as_micros() as u64,
                             "disk_freeze_us": report.disk_freeze.as_micros() as u64,
+                            "disk_requests_held": report.disk_requests_held,
                         }),
                         Ok(false),
                     ),

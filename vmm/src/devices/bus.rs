@@ -10,6 +10,9 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// Handles a write; the result tells the writing vCPU whether to keep running.
     fn write(&mut self, offset: u64, data: &[u8]) -> VcpuAction;
+    /// The VM runs again after a pause (or starts from a snapshot): work the pause held back
+    /// may go on. Called on a vCPU thread, outside any exit.
+    fn resume(&mut self) {}
 }
 
 /// What a device write asks of the vCPU that made it.
@@ -114,6 +117,13 @@ impl Bus {
                 self.log_unmapped("read", addr, data.len());
                 false
             }
+        }
+    }
+
+    /// Tells every device that the VM runs again ([`BusDevice::resume`]).
+    pub fn resume_devices(&self) {
+        for entry in self.devices.values() {
+            lock(&entry.device).resume();
         }
     }
 

@@ -214,16 +214,29 @@ pub fn prepare(
     })
 }
 
-/// Switches `disk` to its prepared overlay and closes (freezes) the image it was writing.
-pub fn commit(disk: &mut AttachedDisk, prepared: Prepared) {
-    let Some((path, backend)) = prepared.overlay else {
-        return;
-    };
-    let old = disk.lock().device_mut().replace_backend(backend);
-    if let Err(e) = old.close() {
-        // The flush before the snapshot succeeded; nothing was written since.
-        tracing::warn!("disk {}: closing the frozen image: {e}", disk.index);
+/// An image a snapshot froze, switched away from and not closed yet.
+#[derive(Debug)]
+pub struct Frozen {
+    index: usize,
+    backend: Box<dyn BlockBackend>,
+}
+
+impl Frozen {
+    /// Closes the image. Ordering: it was flushed before the snapshot (while the guest was
+    /// paused) and nothing has written to it since, so this close needs no pause — it may wait
+    /// on the file system (its final flush), which must not hold the guest.
+    pub fn close(self) {
+        if let Err(e) = self.backend.close() {
+            tracing::warn!("disk {}: closing the frozen image: {e}", self.index);
+        }
     }
+}
+
+/// Switches `disk` to its prepared overlay; returns the image it was writing, frozen, for the
+/// caller to close once the guest runs again.
+pub fn commit(disk: &mut AttachedDisk, prepared: Prepared) -> Option<Frozen> {
+    let (path, backend) = prepared.overlay?;
+    let old = disk.lock().device_mut().replace_backend(backend);
     if disk.overlay {
         // An overlay cowvm made is frozen for good now; the user's own image keeps its mode.
         use std::os::unix::fs::PermissionsExt;
@@ -232,6 +245,10 @@ pub fn commit(disk: &mut AttachedDisk, prepared: Prepared) {
     disk.top = path;
     disk.format = DiskFormat::Qcow2;
     disk.overlay = true;
+    Some(Frozen {
+        index: disk.index,
+        backend: old,
+    })
 }
 
 /// Creates and opens a fresh qcow2 overlay over `below` (of `format`) for disk `index`, in

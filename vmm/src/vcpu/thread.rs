@@ -116,6 +116,10 @@ impl Vcpu {
         // SAFETY: `run` points at this vCPU's kvm_run mapping, alive as long as `self.fd`.
         let immediate_exit: *mut u8 = unsafe { &raw mut (*run).immediate_exit };
         IMMEDIATE_EXIT.with(|flag| flag.set(immediate_exit));
+        // A VM built from a snapshot may hold device requests its source paused before.
+        if state == RunState::Running {
+            self.mmio.resume_devices();
+        }
         loop {
             let request = if state == RunState::Running {
                 match requests.try_recv() {
@@ -140,8 +144,14 @@ impl Vcpu {
                     let _ = responses.send((ticket, VcpuResponse::Saved(Box::new(saved))));
                 }
                 Some((ticket, request)) => {
+                    let was = state;
                     state = self.transition(state, request, run);
                     let _ = responses.send((ticket, VcpuResponse::State(state)));
+                    // Ordering: after the reply, so the VM counts as running (the pause has
+                    // ended) while this vCPU finishes the device requests the pause held back.
+                    if was == RunState::Paused && state == RunState::Running {
+                        self.mmio.resume_devices();
+                    }
                 }
                 None => state = self.run_once(run),
             }

@@ -4,6 +4,8 @@
 //! read-only disk) or `VIRTIO_BLK_S_UNSUPP` (unknown or not negotiated types); a chain with no
 //! status byte to report through is a queue fault.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -431,9 +433,15 @@ impl VirtioDevice for VirtioBlock {
         _index: usize,
         queue: &mut Queue,
         memory: &GuestMemory,
+        hold: &AtomicBool,
     ) -> Result<bool, QueueFault> {
         let mut completed = false;
         loop {
+            // Ordering: the VMM raises `hold` before it asks the vCPUs to pause; a request not
+            // started yet stays in the ring, so the pause waits for one request at most.
+            if hold.load(Ordering::Acquire) {
+                return Ok(completed);
+            }
             let chain = match queue.iter(memory) {
                 Ok(mut available) => available.next(),
                 Err(virtio_queue::Error::InvalidAvailRingIndex) => {

@@ -5,6 +5,10 @@
 //! addresses are unusable is never made ready, and a queue fault sets `DEVICE_NEEDS_RESET`
 //! (after which notifications are ignored until the driver resets the device).
 
+use std::num::Wrapping;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -132,6 +136,8 @@ pub struct MmioTransport<D> {
     queue_config_error: Vec<bool>,
     /// Why the device needs a reset, if it does.
     fault: Option<QueueFault>,
+    /// Raised by the VMM while it pauses the VM: queue processing stops between requests.
+    hold: Arc<AtomicBool>,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -145,6 +151,37 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queues,
             queue_config_error: vec![false; count],
             fault: None,
+            hold: Arc::default(),
+        }
+    }
+
+    /// Makes the device stop between requests whenever `hold` is raised (one flag per VM, shared
+    /// by all its devices).
+    pub fn set_hold(&mut self, hold: Arc<AtomicBool>) {
+        self.hold = hold;
+    }
+
+    /// Requests the driver made available that the device has not taken yet, over all ready
+    /// queues (a paused VM's count is what a snapshot of it carries over).
+    pub fn pending_requests(&self) -> u64 {
+        self.queues
+            .iter()
+            .filter(|queue| queue.ready())
+            .filter_map(|queue| {
+                let avail = queue
+                    .avail_idx(&self.memory, std::sync::atomic::Ordering::Acquire)
+                    .ok()?;
+                Some(u64::from((avail - Wrapping(queue.next_avail())).0))
+            })
+            .sum()
+    }
+
+    /// Handles the requests a pause (or a snapshot taken meanwhile) left in the available rings:
+    /// the driver notified once for them and will not again. Does nothing while the hold flag is
+    /// up, or for queues that are not ready.
+    pub fn resume_pending(&mut self) {
+        for index in 0..self.queues.len() {
+            self.notify(index);
         }
     }
 
@@ -386,7 +423,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !queue.ready() {
             return;
         }
-        match self.device.process_queue(index, queue, &self.memory) {
+        match self
+            .device
+            .process_queue(index, queue, &self.memory, &self.hold)
+        {
             Ok(true) => self.state.interrupt_status |= VIRTIO_MMIO_INT_VRING,
             Ok(false) => {}
             Err(fault) => self.needs_reset(fault),
@@ -420,5 +460,9 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
         VcpuAction::Continue
+    }
+
+    fn resume(&mut self) {
+        self.resume_pending();
     }
 }

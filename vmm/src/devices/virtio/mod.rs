@@ -3,9 +3,12 @@
 //!
 //! There is no in-kernel irqchip on this host's KVM (PVM), so no interrupt is ever injected: the
 //! guest notifies a queue with one MMIO write per batch of requests and polls the used ring in
-//! memory. The device handles the whole batch inside that MMIO exit, on the notifying vCPU's
-//! thread; so when every vCPU is paused no request is in flight, which is what lets a snapshot
-//! freeze the disk at the instant it pauses the guest.
+//! memory. The device handles the batch inside that MMIO exit, on the notifying vCPU's thread, so
+//! when every vCPU is paused no request is in flight, which is what lets a snapshot freeze the
+//! disk at the instant it pauses the guest. A pause does not wait for the whole batch: the VMM
+//! raises a hold flag first, the device stops after the request it is doing, and the requests
+//! left in the available ring are handled once the VM runs again (or, from a snapshot taken
+//! meanwhile, once the restored VM runs) by [`MmioTransport::resume_pending`].
 //!
 //! Every access to guest RAM goes through vm-memory: bounds-checked, and writes are recorded in
 //! the memory's dirty bitmap so diff snapshots include the pages a device wrote.
@@ -16,6 +19,8 @@ mod request;
 
 pub use block::{BlockState, BlockStats, VirtioBlock};
 pub use mmio::{MmioState, MmioTransport, QueueSnapshot};
+
+use std::sync::atomic::AtomicBool;
 
 use crate::memory::GuestMemory;
 
@@ -49,12 +54,15 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set `DRIVER_OK` with these accepted features.
     fn activate(&mut self, features: u64);
-    /// Handles every available request of queue `index`. Returns whether any was completed.
+    /// Handles the available requests of queue `index`, stopping before the next one once
+    /// `hold` is set (the VM is pausing: the rest wait in the ring for
+    /// [`MmioTransport::resume_pending`]). Returns whether any was completed.
     fn process_queue(
         &mut self,
         index: usize,
         queue: &mut virtio_queue::Queue,
         memory: &GuestMemory,
+        hold: &AtomicBool,
     ) -> Result<bool, QueueFault>;
     /// The driver reset the device.
     fn reset(&mut self);

@@ -3,6 +3,9 @@
 //! writes at it. Guest RAM is two regions with a hole between them and `PROT_NONE` guard pages
 //! around each, so an access outside the guest-memory object would crash the test.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
@@ -621,6 +624,139 @@ fn transport_state_survives_save_and_restore() {
         driver.device.restore(&broken).is_err(),
         "unaligned ring in a snapshot"
     );
+}
+
+/// Writes the requests of a batch into the ring: request `k` writes 512 bytes at sector `8k`
+/// (descriptors `3k..3k+3`, status byte at `BUFFERS + 0x100 + 0x200k`).
+fn put_write_batch(driver: &Driver, count: u16) -> Vec<u16> {
+    (0..count)
+        .map(|k| {
+            let header = BUFFERS + 0x200 * u64::from(k);
+            let status = header + 0x100;
+            let mut raw = [0u8; 16];
+            raw[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+            raw[8..].copy_from_slice(&(8 * u64::from(k)).to_le_bytes());
+            driver
+                .memory
+                .write_slice(&raw, GuestAddress(header))
+                .unwrap();
+            driver
+                .memory
+                .write_obj(0xffu8, GuestAddress(status))
+                .unwrap();
+            let first = 3 * k;
+            driver.put_descriptor(first, header, 16, F_NEXT, first + 1);
+            driver.put_descriptor(first + 1, BUFFERS + 0x8000, 512, F_NEXT, first + 2);
+            driver.put_descriptor(first + 2, status, 1, F_WRITE, 0);
+            first
+        })
+        .collect()
+}
+
+#[test]
+fn a_pause_stops_a_batch_between_requests_and_a_restored_device_finishes_it() {
+    let hold = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Mutex::new(Vec::new()));
+    // The backend raises the hold during the first write, as a pause arriving then would.
+    let backend = Recorder {
+        written: written.clone(),
+        raise: Some(hold.clone()),
+    };
+    let mut driver = Driver::new(Box::new(backend), false);
+    driver.set_up(QUEUE_SIZE);
+    driver.device.set_hold(hold.clone());
+    let heads = put_write_batch(&driver, 3);
+    let used = driver.submit(&heads, QUEUE_SIZE);
+    assert_eq!(
+        used,
+        vec![(0, 1)],
+        "the request under way completes, the rest wait"
+    );
+    assert_eq!(*written.lock().unwrap(), vec![0]);
+    assert_eq!(driver.device.pending_requests(), 2);
+
+    // A snapshot now holds the two waiting requests in guest RAM and next_avail = 1; the
+    // device restored from it (paused: the hold is up) leaves them until the VM runs.
+    let saved = driver.device.save();
+    assert_eq!(saved.queues[0].next_avail, 1);
+    let block = driver.device.device().save();
+    let after = Arc::new(Mutex::new(Vec::new()));
+    let backend = Recorder {
+        written: after.clone(),
+        raise: None,
+    };
+    let mut restored = MmioTransport::new(
+        VirtioBlock::restore(0, Box::new(backend), &block),
+        driver.memory.clone(),
+    );
+    restored.restore(&saved).unwrap();
+    restored.set_hold(hold.clone());
+    restored.resume();
+    assert!(after.lock().unwrap().is_empty(), "nothing runs while held");
+    hold.store(false, Ordering::Release);
+    restored.resume();
+    assert_eq!(*after.lock().unwrap(), vec![8, 16]);
+    assert_eq!(restored.pending_requests(), 0);
+    let used: u16 = driver.memory.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 3);
+    for k in 1..3u64 {
+        let status: u8 = driver
+            .memory
+            .read_obj(GuestAddress(BUFFERS + 0x200 * k + 0x100))
+            .unwrap();
+        assert_eq!(status, OK, "request {k}");
+    }
+    // Nothing left: a second resume changes nothing.
+    restored.resume();
+    assert_eq!(after.lock().unwrap().len(), 2);
+}
+
+/// A backend that records the sector of every write and can raise a hold flag on one.
+#[derive(Debug)]
+struct Recorder {
+    written: Arc<Mutex<Vec<u64>>>,
+    raise: Option<Arc<AtomicBool>>,
+}
+
+impl BlockBackend for Recorder {
+    fn read(&mut self, _: u64, buf: &mut [u8]) -> Result<(), crate::disk::BackendError> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write(&mut self, offset: u64, _: &[u8]) -> Result<(), crate::disk::BackendError> {
+        self.written.lock().unwrap().push(offset / 512);
+        if let Some(hold) = &self.raise {
+            hold.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), crate::disk::BackendError> {
+        Ok(())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> Result<(), crate::disk::BackendError> {
+        Ok(())
+    }
+    fn write_zeroes(&mut self, _: u64, _: u64, _: bool) -> Result<(), crate::disk::BackendError> {
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn id(&self) -> String {
+        "recorder".into()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn supports_discard(&self) -> bool {
+        false
+    }
+    fn supports_write_zeroes(&self) -> bool {
+        false
+    }
+    fn close(self: Box<Self>) -> Result<(), crate::disk::BackendError> {
+        Ok(())
+    }
 }
 
 /// A backend that accepts everything and stores nothing (for queue-level tests).
