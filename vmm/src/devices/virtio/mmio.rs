@@ -14,7 +14,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestAddress;
 
@@ -29,33 +29,9 @@ const VERSION: u32 = 2;
 /// "CWVM".
 const VENDOR_ID: u32 = 0x4d56_5743;
 
-// Register offsets (virtio 1.2 §4.2.2, Table 4.1).
-const MAGIC_VALUE: u64 = 0x000;
-const VERSION_REG: u64 = 0x004;
-const DEVICE_ID: u64 = 0x008;
-const VENDOR_ID_REG: u64 = 0x00c;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
-const QUEUE_NOTIFY: u64 = 0x050;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
-const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_DRIVER_LOW: u64 = 0x090;
-const QUEUE_DRIVER_HIGH: u64 = 0x094;
-const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const SHM_LEN_LOW: u64 = 0x0b0;
-const SHM_LEN_HIGH: u64 = 0x0b4;
-const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG: u64 = 0x100;
+/// Where the config space starts; below it, the registers (virtio 1.2 §4.2.2, Table 4.1, named
+/// by virtio-bindings' `VIRTIO_MMIO_*` offsets).
+const CONFIG: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 /// A virtqueue's registers and indices, as saved in a snapshot (`virtio_queue::QueueState`,
 /// which has no serde support).
@@ -261,46 +237,49 @@ impl<D: VirtioDevice> MmioTransport<D> {
         };
     }
 
-    fn read_register(&self, offset: u64) -> u32 {
+    fn read_register(&self, offset: u32) -> u32 {
         let queue = self.queues.get(self.state.queue_sel as usize);
         match offset {
-            MAGIC_VALUE => MAGIC,
-            VERSION_REG => VERSION,
-            DEVICE_ID => self.device.device_type(),
-            VENDOR_ID_REG => VENDOR_ID,
-            DEVICE_FEATURES => match self.state.device_features_sel {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.state.device_features_sel {
                 0 => self.device.features() as u32,
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
             },
-            QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
-            QUEUE_NUM => queue.map_or(0, |q| u32::from(q.size())),
-            QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
-            INTERRUPT_STATUS => self.state.interrupt_status,
-            STATUS => self.state.status,
+            VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_NUM => queue.map_or(0, |q| u32::from(q.size())),
+            VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.state.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.state.status,
             // No shared memory regions: a length of all ones says so (§4.2.2).
-            SHM_LEN_LOW | SHM_LEN_HIGH => u32::MAX,
-            CONFIG_GENERATION => self.state.config_generation,
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.state.config_generation,
             _ => 0,
         }
     }
 
-    fn write_register(&mut self, offset: u64, value: u32) {
+    fn write_register(&mut self, offset: u32, value: u32) {
         match offset {
-            DEVICE_FEATURES_SEL => self.state.device_features_sel = value,
-            DRIVER_FEATURES_SEL => self.state.driver_features_sel = value,
-            DRIVER_FEATURES => self.write_driver_features(value),
-            QUEUE_SEL => self.state.queue_sel = value,
-            QUEUE_NUM => {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.state.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.state.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
+            VIRTIO_MMIO_QUEUE_SEL => self.state.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM => {
                 self.write_queue(|q| value <= 0xffff && q.try_set_size(value as u16).is_ok())
             }
-            QUEUE_DESC_LOW | QUEUE_DESC_HIGH => self.write_queue_address(offset, value),
-            QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH => self.write_queue_address(offset, value),
-            QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => self.write_queue_address(offset, value),
-            QUEUE_READY => self.write_queue_ready(value),
-            QUEUE_NOTIFY => self.notify(value as usize),
-            INTERRUPT_ACK => self.state.interrupt_status &= !value,
-            STATUS => self.write_status(value),
+            VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_address(offset, value),
+            VIRTIO_MMIO_QUEUE_READY => self.write_queue_ready(value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value as usize),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.state.interrupt_status &= !value,
+            VIRTIO_MMIO_STATUS => self.write_status(value),
             _ => tracing::debug!(
                 "virtio-mmio: write {value:#x} to read-only or unknown register {offset:#x}"
             ),
@@ -338,7 +317,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    fn write_queue_address(&mut self, offset: u64, value: u32) {
+    fn write_queue_address(&mut self, offset: u32, value: u32) {
         let high = offset % 8 == 4;
         let merge = |old: u64| {
             if high {
@@ -348,10 +327,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
         };
         self.write_queue(|queue| match offset & !7 {
-            QUEUE_DESC_LOW => queue
+            VIRTIO_MMIO_QUEUE_DESC_LOW => queue
                 .try_set_desc_table_address(GuestAddress(merge(queue.desc_table())))
                 .is_ok(),
-            QUEUE_DRIVER_LOW => queue
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => queue
                 .try_set_avail_ring_address(GuestAddress(merge(queue.avail_ring())))
                 .is_ok(),
             _ => queue
@@ -447,9 +426,10 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             self.device.read_config(offset - CONFIG, data);
             return;
         }
-        // Registers are 32 bits wide and read with 32-bit accesses only (§4.2.2.2).
+        // Registers are 32 bits wide and read with 32-bit accesses only (§4.2.2.2); below
+        // CONFIG the offset fits in 32 bits.
         if data.len() == 4 && offset % 4 == 0 {
-            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+            data.copy_from_slice(&self.read_register(offset as u32).to_le_bytes());
         }
     }
 
@@ -457,7 +437,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         if offset >= CONFIG {
             self.device.write_config(offset - CONFIG, data);
         } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
-            self.write_register(offset, u32::from_le_bytes(bytes));
+            self.write_register(offset as u32, u32::from_le_bytes(bytes));
         }
         VcpuAction::Continue
     }

@@ -503,7 +503,7 @@ fn broken_chains_and_rings_make_the_device_need_a_reset() {
     );
     // Ignored until reset; then it works again.
     assert!(driver.submit(&[0], QUEUE_SIZE).is_empty());
-    let mut driver = Driver::new(Box::new(DiscardAll), false);
+    let mut driver = Driver::new(Box::new(DiscardAll::default()), false);
     assert_ne!(driver.set_up(QUEUE_SIZE) & VIRTIO_CONFIG_S_DRIVER_OK, 0);
     assert_eq!(driver.request(VIRTIO_BLK_T_FLUSH, 0, None), (OK, 1));
     // An available index far ahead of the device.
@@ -533,7 +533,7 @@ fn bad_queue_sizes_and_rings_are_never_made_ready() {
         ("used ring not 4-byte aligned", 16, USED + 2),
         ("used ring past the end of RAM", 16, 3 << 20),
     ] {
-        let mut driver = Driver::new(Box::new(DiscardAll), false);
+        let mut driver = Driver::new(Box::new(DiscardAll::default()), false);
         driver.write_reg(VIRTIO_MMIO_STATUS, 0);
         driver.write_reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         driver.write_reg(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
@@ -551,7 +551,7 @@ fn bad_queue_sizes_and_rings_are_never_made_ready() {
         );
     }
     // Features without VERSION_1 (a legacy driver) are refused.
-    let mut driver = Driver::new(Box::new(DiscardAll), false);
+    let mut driver = Driver::new(Box::new(DiscardAll::default()), false);
     driver.write_reg(VIRTIO_MMIO_STATUS, 1 | 2);
     driver.write_reg(VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH);
     driver.write_reg(VIRTIO_MMIO_STATUS, 1 | 2 | VIRTIO_CONFIG_S_FEATURES_OK);
@@ -608,7 +608,7 @@ fn transport_state_survives_save_and_restore() {
     assert_eq!((back.queues[0].size, back.queues[0].next_avail), (16, 1));
     let block = driver.device.device().save();
     let mut restored = MmioTransport::new(
-        VirtioBlock::restore(0, Box::new(DiscardAll), &block),
+        VirtioBlock::restore(0, Box::new(DiscardAll::default()), &block),
         driver.memory.clone(),
     );
     restored.restore(&back).unwrap();
@@ -658,8 +658,8 @@ fn a_pause_stops_a_batch_between_requests_and_a_restored_device_finishes_it() {
     let hold = Arc::new(AtomicBool::new(false));
     let written = Arc::new(Mutex::new(Vec::new()));
     // The backend raises the hold during the first write, as a pause arriving then would.
-    let backend = Recorder {
-        written: written.clone(),
+    let backend = DiscardAll {
+        written: Some(written.clone()),
         raise: Some(hold.clone()),
     };
     let mut driver = Driver::new(Box::new(backend), false);
@@ -681,8 +681,8 @@ fn a_pause_stops_a_batch_between_requests_and_a_restored_device_finishes_it() {
     assert_eq!(saved.queues[0].next_avail, 1);
     let block = driver.device.device().save();
     let after = Arc::new(Mutex::new(Vec::new()));
-    let backend = Recorder {
-        written: after.clone(),
+    let backend = DiscardAll {
+        written: Some(after.clone()),
         raise: None,
     };
     let mut restored = MmioTransport::new(
@@ -711,64 +711,26 @@ fn a_pause_stops_a_batch_between_requests_and_a_restored_device_finishes_it() {
     assert_eq!(after.lock().unwrap().len(), 2);
 }
 
-/// A backend that records the sector of every write and can raise a hold flag on one.
-#[derive(Debug)]
-struct Recorder {
-    written: Arc<Mutex<Vec<u64>>>,
+/// A backend that accepts everything and stores nothing (for queue-level tests). It can record
+/// the sector of every write, and raise a hold flag on each (as a pause arriving then would).
+#[derive(Debug, Default)]
+struct DiscardAll {
+    written: Option<Arc<Mutex<Vec<u64>>>>,
     raise: Option<Arc<AtomicBool>>,
 }
-
-impl BlockBackend for Recorder {
-    fn read(&mut self, _: u64, buf: &mut [u8]) -> Result<(), crate::disk::BackendError> {
-        buf.fill(0);
-        Ok(())
-    }
-    fn write(&mut self, offset: u64, _: &[u8]) -> Result<(), crate::disk::BackendError> {
-        self.written.lock().unwrap().push(offset / 512);
-        if let Some(hold) = &self.raise {
-            hold.store(true, Ordering::Release);
-        }
-        Ok(())
-    }
-    fn flush(&mut self) -> Result<(), crate::disk::BackendError> {
-        Ok(())
-    }
-    fn discard(&mut self, _: u64, _: u64) -> Result<(), crate::disk::BackendError> {
-        Ok(())
-    }
-    fn write_zeroes(&mut self, _: u64, _: u64, _: bool) -> Result<(), crate::disk::BackendError> {
-        Ok(())
-    }
-    fn size(&self) -> u64 {
-        1 << 20
-    }
-    fn id(&self) -> String {
-        "recorder".into()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn supports_discard(&self) -> bool {
-        false
-    }
-    fn supports_write_zeroes(&self) -> bool {
-        false
-    }
-    fn close(self: Box<Self>) -> Result<(), crate::disk::BackendError> {
-        Ok(())
-    }
-}
-
-/// A backend that accepts everything and stores nothing (for queue-level tests).
-#[derive(Debug)]
-struct DiscardAll;
 
 impl BlockBackend for DiscardAll {
     fn read(&mut self, _: u64, buf: &mut [u8]) -> Result<(), crate::disk::BackendError> {
         buf.fill(0);
         Ok(())
     }
-    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), crate::disk::BackendError> {
+    fn write(&mut self, offset: u64, _: &[u8]) -> Result<(), crate::disk::BackendError> {
+        if let Some(written) = &self.written {
+            written.lock().unwrap().push(offset / 512);
+        }
+        if let Some(hold) = &self.raise {
+            hold.store(true, Ordering::Release);
+        }
         Ok(())
     }
     fn flush(&mut self) -> Result<(), crate::disk::BackendError> {
